@@ -1,0 +1,1 @@
+"""Consumers of the common model: host layout (regions) and checks."""

@@ -1,0 +1,184 @@
+"""Command line: qemu-img style verbs over the common model.
+
+    imgscope info [--output human|json] [--backing-chain] [-f FMT] FILE
+    imgscope map  [--output human|json] [-f FMT] [--start-offset N] [--max-length N] FILE
+    imgscope fields|tables [NAME]|regions [--output table|csv|json] FILE
+
+Errors print one line on stderr and exit non-zero (1), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import ImageError
+
+
+def _open(args):
+    import imgscope
+    img = imgscope.open(args.filename, args.format, strict=getattr(args, "strict", False),
+                        allow_paths=getattr(args, "allow_path", None) or None)
+    for layer in img.chain:
+        layer.given_name = None
+    img.given_name = args.filename
+    _name_chain(img)
+    return img
+
+
+def _name_chain(img) -> None:
+    """Name each layer as qemu does: parent paths joined to the child's given name."""
+    import os
+    from .info import full_backing_name
+    for layer in img.chain:
+        if layer is not img:
+            layer.given_name = full_backing_name(layer_child)
+        layer.source.given_name = layer.given_name
+        for src in layer.files()[1:]:
+            if src.named_as and not os.path.isabs(src.named_as):
+                src.given_name = os.path.join(os.path.dirname(layer.given_name), src.named_as)
+        layer_child = layer
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    t = text.strip().lower().rstrip("ib") if text.strip().lower()[-2:] in ("ib",) else text.strip().lower()
+    num = t.rstrip("kmgtpb")
+    unit = t[len(num):][:1]
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+
+
+def cmd_info(args) -> int:
+    from .info import human_info
+    img = _open(args)
+    infos = img.info(backing_chain=args.backing_chain)
+    if args.output == "json":
+        print(json.dumps(infos, indent=4))
+    else:
+        chain = infos if isinstance(infos, list) else [infos]
+        print("\n\n".join(human_info(i) for i in chain))
+    return 0
+
+
+def cmd_map(args) -> int:
+    from .map import map_entries, map_json, map_human
+    img = _open(args)
+    entries = map_entries(img, args.start_offset, args.max_length)
+    print(map_json(entries) if args.output == "json" else map_human(entries))
+    return 0
+
+
+def _print_frame(df, output: str) -> None:
+    import pandas as pd
+    df = df.copy()
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].map(lambda v: v.hex() if isinstance(v, (bytes, bytearray)) else
+                                  (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)))
+    if output == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif output == "json":
+        print(df.to_json(orient="records", indent=2, default_handler=str))
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None,
+                               "display.width", 200, "display.max_colwidth", 60):
+            print(df.to_string(index=False))
+
+
+def cmd_fields(args) -> int:
+    img = _open(args)
+    df = img.fields
+    if args.output != "json":
+        df = df.drop(columns=["value"])
+    _print_frame(df, args.output)
+    return 0
+
+
+def cmd_tables(args) -> int:
+    img = _open(args)
+    if not args.name:
+        for name in img.tables:
+            print(f"{name}: {len(img.tables[name])} rows")
+        return 0
+    if args.name not in img.tables:
+        raise ImageError(f"no table {args.name!r} (have: {', '.join(img.tables)})",
+                         path=args.filename)
+    _print_frame(img.tables[args.name], args.output)
+    return 0
+
+
+def cmd_regions(args) -> int:
+    img = _open(args)
+    _print_frame(img.regions(), args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgscope", description="Look inside VM disk images "
+                                "(qemu-img compatible verbs plus our own).")
+    p.add_argument("--version", action="version", version=f"imgscope {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    def common(sp, outputs=("human", "json"), default="human"):
+        sp.add_argument("-f", "--format", dest="format", help="image format (default: probe)")
+        sp.add_argument("--output", choices=outputs, default=default,
+                        help=f"output format (default {default})")
+        sp.add_argument("--allow-path", action="append", metavar="DIR",
+                        help="also allow backing/data files under DIR")
+        sp.add_argument("--strict", action="store_true", help="fail on the first damaged structure")
+        sp.add_argument("-U", "--force-share", action="store_true",
+                        help="accepted for qemu-img compatibility (imgscope never locks or writes)")
+        sp.add_argument("filename", metavar="FILE")
+
+    sp = sub.add_parser("info", help="summary like qemu-img info")
+    common(sp)
+    sp.add_argument("--backing-chain", action="store_true", help="show every layer of the chain")
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("map", help="guest map like qemu-img map")
+    common(sp)
+    sp.add_argument("--start-offset", type=_size, default=0, metavar="OFFSET")
+    sp.add_argument("--max-length", type=_size, default=None, metavar="LEN")
+    sp.set_defaults(func=cmd_map)
+
+    tab = ("table", "csv", "json")
+    sp = sub.add_parser("fields", help="every header field with offset, bytes and meaning")
+    common(sp, tab, "table")
+    sp.set_defaults(func=cmd_fields)
+
+    sp = sub.add_parser("tables", help="list metadata tables, or print one")
+    common(sp, tab, "table")
+    sp.add_argument("name", nargs="?", help="table to print")
+    sp.set_defaults(func=cmd_tables)
+
+    sp = sub.add_parser("regions", help="host-file layout: every byte's owner")
+    common(sp, tab, "table")
+    sp.set_defaults(func=cmd_regions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ImageError as exc:
+        print(f"imgscope: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("imgscope: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError, ValueError, RecursionError) as exc:
+        print(f"imgscope: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Pieces every driver shares: table validation gate and run coalescing."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model import ExtentTable, KIND_COMPRESSED, NO_HOST
+
+
+def validate_table(image, offset: int, nbytes: int, structure: str, *,
+                   align: int = 1, index: int | None = None,
+                   limit: int | None = None, severity: str = "error") -> bool:
+    """True when a table lies aligned, inside the file and within limits.
+
+    Otherwise a finding is recorded (or, in strict mode, raised) and the
+    caller must not read it: this is the one gate before every table read.
+    """
+    size = image.source.size
+    limit = image.limits.max_table_bytes if limit is None else limit
+    where = dict(structure=structure, index=index, host_offset=offset, size=nbytes)
+    if nbytes > limit:
+        image.note(severity, "table_too_large",
+                   f"{structure} of {nbytes} bytes exceeds the limit of {limit} bytes", **where)
+        return False
+    if align > 1 and offset % align:
+        image.note(severity, "table_misaligned",
+                   f"{structure} at {offset:#x} is not aligned to {align} bytes", **where)
+        return False
+    if offset + nbytes > size:
+        image.note(severity, "table_beyond_eof",
+                   f"{structure} at {offset:#x} (+{nbytes}) extends past the end of the "
+                   f"file ({size} bytes)", **where)
+        return False
+    return True
+
+
+def coalesce(guest: np.ndarray, length: np.ndarray, kind: np.ndarray, host: np.ndarray,
+             host_length: np.ndarray, file: np.ndarray, files: list, *,
+             codec: str = "none", cluster_size: int = 0, depth: int = 0) -> ExtentTable:
+    """Merge neighbouring units of the same kind whose host bytes are contiguous.
+
+    Units must be sorted and contiguous in the guest.  Compressed units stay
+    one per cluster (each has its own stored range).
+    """
+    n = guest.size
+    if n == 0:
+        return ExtentTable.empty(files)
+    has_host = host != NO_HOST
+    same = (kind[1:] == kind[:-1]) & (file[1:] == file[:-1]) & (has_host[1:] == has_host[:-1])
+    same &= ~has_host[1:] | (host[:-1] + length[:-1] == host[1:])
+    same &= kind[1:] != KIND_COMPRESSED
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    lengths = np.add.reduceat(length, starts).astype(np.uint64)
+    return ExtentTable(guest[starts].astype(np.uint64), lengths, kind[starts].astype(np.uint8),
+                       host[starts].astype(np.uint64), host_length[starts].astype(np.uint64),
+                       file[starts].astype(np.int16),
+                       np.full(starts.size, depth, np.int16), files, codec,
+                       None, cluster_size)

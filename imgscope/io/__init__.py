@@ -1,0 +1,1 @@
+"""Byte access: bounds-checked file sources, path confinement and the guest reader."""

@@ -1,0 +1,101 @@
+"""Positional, bounds-checked, read-only access to one host file.
+
+A Source never writes and never moves a shared file position (os.pread), so
+several readers can share one. Every short read becomes a Truncated error
+naming the structure and offset that was wanted.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Truncated, ImageError
+
+try:  # Linux and most Unix: find data/holes of sparse files.
+    SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
+except AttributeError:  # pragma: no cover - other platforms
+    SEEK_DATA = SEEK_HOLE = None
+
+
+class Source:
+    """A read-only host file opened once, read with pread."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.given_name: str | None = None   # how the user / parent image named it
+        self.named_as: str | None = None     # the name as written inside a parent image
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ImageError(f"cannot open: {exc.strerror}", path=str(path)) from None
+        st = os.fstat(self._fd)
+        self.size = st.st_size
+        self.allocated = st.st_blocks * 512
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def read(self, offset: int, length: int, structure: str = "data") -> bytes:
+        """Exactly `length` bytes at `offset`, or Truncated."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise Truncated(f"{structure} of {length} bytes extends past end of file "
+                            f"({self.size} bytes)", path=str(self.path),
+                            offset=offset, structure=structure)
+        return self.pread(offset, length)
+
+    def read_upto(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (short at end of file)."""
+        if offset >= self.size or length <= 0:
+            return b""
+        return self.pread(offset, min(length, self.size - offset))
+
+    def pread(self, offset: int, length: int) -> bytes:
+        chunks = []
+        while length > 0:
+            try:
+                chunk = os.pread(self._fd, min(length, 1 << 30), offset)
+            except OSError as exc:
+                raise ImageError(f"read failed: {exc.strerror}", path=str(self.path),
+                                 offset=offset) from None
+            if not chunk:
+                raise Truncated("unexpected end of file", path=str(self.path), offset=offset)
+            chunks.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def read_array(self, offset: int, count: int, dtype, structure: str) -> np.ndarray:
+        """A table of `count` entries as a numpy array (one read)."""
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.read(offset, count * dt.itemsize, structure), dtype=dt)
+
+    def data_runs(self) -> list[tuple[int, int]]:
+        """(offset, length) of the non-hole parts of a sparse file."""
+        if SEEK_DATA is None:
+            return [(0, self.size)] if self.size else []
+        runs, pos = [], 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self._fd, pos, SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no more data
+            end = os.lseek(self._fd, start, SEEK_HOLE)
+            runs.append((start, end - start))
+            pos = end
+        return runs

@@ -1,0 +1,241 @@
+"""The common model every format driver produces and every consumer reads.
+
+Frame column contracts (checked by tests; see frames.py for dtypes):
+
+fields   structure, field, offset, size, raw, value, display, description
+extents  guest_offset, length, kind, depth, file, host_offset, codec, source
+regions  file, offset, length, kind, owner
+findings severity, code, structure, index, file, host_offset, size, message, fixable
+
+Extent kinds: data, zero, unallocated, compressed, encrypted.  `zero` with a
+host offset is a preallocated zero cluster; `unallocated` at the bottom of a
+chain reads as zeros.  `depth` is the chain layer that supplies the bytes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import ImageError, ParseError
+from .limits import Limits, DEFAULT_LIMITS
+from .io.source import Source
+
+KINDS = ("data", "zero", "unallocated", "compressed", "encrypted")
+KIND_DATA, KIND_ZERO, KIND_UNALLOCATED, KIND_COMPRESSED, KIND_ENCRYPTED = range(5)
+CODECS = ("none", "zlib", "zstd", "deflate")
+NO_HOST = np.uint64(0xFFFFFFFFFFFFFFFF)   # host_offset sentinel: no host location
+
+SEVERITIES = ("info", "warning", "error", "critical")
+
+
+@dataclass
+class Finding:
+    """One thing noticed about an image: what, where, how bad, fixable or not."""
+
+    severity: str
+    code: str
+    message: str
+    structure: str = ""
+    index: int | None = None
+    file: str = ""
+    host_offset: int | None = None
+    size: int | None = None
+    fixable: bool = False
+
+
+@dataclass
+class ExtentTable:
+    """A guest map as parallel numpy arrays (no Python object per run).
+
+    Runs are sorted, non-overlapping and cover [0, virtual_size).  For data
+    runs `host` is the offset in `files[file]`; compressed runs are exactly one
+    cluster with `host`/`host_length` giving the stored byte range.
+    """
+
+    guest: np.ndarray          # uint64
+    length: np.ndarray         # uint64
+    kind: np.ndarray           # uint8 index into KINDS
+    host: np.ndarray           # uint64, NO_HOST when none
+    host_length: np.ndarray    # uint64 (compressed: stored bytes)
+    file: np.ndarray           # int16 index into files (-1: none)
+    depth: np.ndarray          # int16
+    files: list                # Source per file index
+    codec: str = "none"        # codec of compressed runs
+    inner: np.ndarray | None = None  # compressed pieces: offset inside the cluster
+    cluster_size: int = 0      # size a compressed run decompresses to
+
+    def __post_init__(self) -> None:
+        if self.inner is None:
+            self.inner = np.zeros(self.guest.size, np.uint64)
+
+    def __len__(self) -> int:
+        return int(self.guest.size)
+
+    @classmethod
+    def empty(cls, files=None) -> "ExtentTable":
+        z = np.zeros(0, np.uint64)
+        return cls(z, z.copy(), np.zeros(0, np.uint8), z.copy(), z.copy(),
+                   np.zeros(0, np.int16), np.zeros(0, np.int16), list(files or []))
+
+    @classmethod
+    def single(cls, length: int, kind: int, files=None, host: int | None = None,
+               file: int = -1) -> "ExtentTable":
+        t = cls.empty(files)
+        if length <= 0:
+            return t
+        return cls(np.array([0], np.uint64), np.array([length], np.uint64),
+                   np.array([kind], np.uint8),
+                   np.array([NO_HOST if host is None else host], np.uint64),
+                   np.zeros(1, np.uint64), np.array([file], np.int16),
+                   np.zeros(1, np.int16), t.files)
+
+    def take(self, mask_or_index) -> "ExtentTable":
+        return ExtentTable(self.guest[mask_or_index], self.length[mask_or_index],
+                           self.kind[mask_or_index], self.host[mask_or_index],
+                           self.host_length[mask_or_index], self.file[mask_or_index],
+                           self.depth[mask_or_index], self.files, self.codec,
+                           self.inner[mask_or_index], self.cluster_size)
+
+    @property
+    def end(self) -> int:
+        return int(self.guest[-1] + self.length[-1]) if len(self) else 0
+
+
+class Image:
+    """An opened image: header fields, tables, guest map, host layout, findings.
+
+    Drivers subclass this and fill `_field_rows`, `_tables`, implement
+    `_own_extents()` (this layer only, unallocated where a parent would be
+    read) and `_host_regions()` (structures by host offset).
+    """
+
+    format: str = "raw"
+    variant: str = ""
+
+    def __init__(self, source: Source, *, strict: bool = False,
+                 allow_paths: Iterable[str | os.PathLike] | None = None,
+                 limits: Limits | None = None, depth: int = 0,
+                 seen: frozenset = frozenset()) -> None:
+        self.source = source
+        self.path = source.path
+        self.strict = strict
+        self.allow_paths = list(allow_paths or [])
+        self.limits = limits or DEFAULT_LIMITS
+        self.chain_depth = depth
+        self._seen = seen | {str(self.path.resolve())}
+        self.virtual_size = 0
+        self.cluster_size: int | None = None
+        self.backing: Image | None = None
+        self.backing_name: str | None = None     # as written in the image
+        self.backing_format: str | None = None
+        self._findings: list[Finding] = []
+        self._field_rows: list = []
+        self._tables: dict[str, Any] = {}
+        self._extents_cache: ExtentTable | None = None
+
+    # ---- findings ---------------------------------------------------------------
+    def note(self, severity: str, code: str, message: str, *, raise_in_strict: bool = True,
+             **where) -> None:
+        """Record a finding; in strict mode errors raise instead."""
+        where.setdefault("file", str(self.path))
+        f = Finding(severity, code, message, **where)
+        if self.strict and raise_in_strict and severity in ("error", "critical"):
+            raise ParseError(message, path=f.file, offset=f.host_offset,
+                             structure=f.structure or code)
+        self._findings.append(f)
+
+    # ---- the model's members ----------------------------------------------------------
+    @property
+    def chain(self) -> list["Image"]:
+        """This image followed by its backing files, top first."""
+        out, img = [], self
+        while img is not None:
+            out.append(img)
+            img = img.backing
+        return out
+
+    @property
+    def fields(self):
+        from .frames import fields_frame
+        return fields_frame(self._field_rows)
+
+    @property
+    def tables(self) -> dict:
+        from .frames import TableDict
+        return TableDict(self._tables)
+
+    @property
+    def findings(self):
+        from .frames import findings_frame
+        return findings_frame(self._findings)
+
+    def files(self) -> list[Source]:
+        """Host files of this layer (image file first, then data files/extents)."""
+        return [self.source]
+
+    def _own_extents(self) -> ExtentTable:
+        raise NotImplementedError
+
+    def extent_table(self) -> ExtentTable:
+        """Resolved guest map over the whole backing chain (numpy form)."""
+        if self._extents_cache is None:
+            from .io.chain import resolve_chain
+            self._extents_cache = resolve_chain(self)
+        return self._extents_cache
+
+    def extents(self, merge: bool = True):
+        """Guest map: which layer and host bytes supply each guest range."""
+        from .frames import extents_frame
+        table = self.extent_table()
+        if merge:
+            from .io.chain import merge_for_map
+            table = merge_for_map(table)
+        return extents_frame(table)
+
+    def _host_regions(self) -> list:
+        """(file, offset, length, kind, owner) structures; drivers override."""
+        return []
+
+    def regions(self):
+        """Host-file layout tiling every file of this layer exactly once."""
+        from .analysis.layout import tile_regions
+        return tile_regions(self._host_regions(), [s for s in self.files()])
+
+    def open_guest(self):
+        """A read-only, seekable binary file over the guest disk."""
+        from .io.reader import GuestReader
+        return GuestReader(self.extent_table(), self.virtual_size, self.cluster_size)
+
+    def info(self, backing_chain: bool = False):
+        """qemu-img info --output=json compatible dict (list for the chain)."""
+        from .info import image_info
+        if backing_chain:
+            return [image_info(img) for img in self.chain]
+        return image_info(self)
+
+    def format_specific(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        for img in self.chain:
+            for s in img.files():
+                s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.format}"
+                f"{' ' + self.variant if self.variant else ''} {self.path.name} "
+                f"virtual_size={self.virtual_size}>")
+
+    def _repr_html_(self) -> str:
+        from .frames import image_card_html
+        return image_card_html(self)
