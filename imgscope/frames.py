@@ -7,6 +7,7 @@ FIELDS_COLUMNS    structure:category field:str offset:uint64 size:uint64 raw:obj
 EXTENTS_COLUMNS   guest_offset:uint64 length:uint64 kind:category depth:int16 file:category
                   host_offset:UInt64 (NA = none) codec:category source:category
 REGIONS_COLUMNS   file:category offset:uint64 length:uint64 kind:category owner:str
+                  (kind `slack`: the unused tail of a cluster a structure occupies)
 FINDINGS_COLUMNS  severity:category code:str structure:str index:Int64 file:str
                   host_offset:UInt64 size:UInt64 message:str fixable:bool
 """
@@ -29,7 +30,7 @@ FINDINGS_COLUMNS = ["severity", "code", "structure", "index", "file", "host_offs
 REGION_KINDS = ("header", "l1_table", "l2_table", "refcount_table", "refcount_block",
                 "snapshot_table", "bitmap_directory", "bitmap_table", "bitmap_data",
                 "crypto_header", "grain_directory", "grain_table", "block_map", "bat",
-                "footer", "descriptor", "metadata", "log", "data", "compressed_data",
+                "footer", "descriptor", "metadata", "log", "data", "compressed_data", "slack",
                 "unreferenced", "overlap", "beyond_eof")
 
 
@@ -51,10 +52,11 @@ def fields_frame(rows) -> pd.DataFrame:
     }, columns=FIELDS_COLUMNS)
 
 
-def nullable_offsets(values: np.ndarray) -> pd.array:
+def nullable_offsets(values: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """uint64 offsets with NO_HOST shown as <NA> (pandas nullable UInt64)."""
     values = np.asarray(values, dtype=np.uint64)
-    return pd.array(np.where(values == NO_HOST, 0, values), dtype="UInt64").where(
-        values != NO_HOST, pd.NA) if values.size else pd.array([], dtype="UInt64")
+    mask = values == NO_HOST
+    return pd.arrays.IntegerArray(np.where(mask, np.uint64(0), values), mask)
 
 
 def extents_frame(table, layer_paths: list[str] | None = None) -> pd.DataFrame:

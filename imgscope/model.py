@@ -47,13 +47,17 @@ class Finding:
     fixable: bool = False
 
 
+FLAG_HOST_HOLE = 1   # data run whose host bytes are a hole (QEMU reports zero too)
+
+
 @dataclass
 class ExtentTable:
     """A guest map as parallel numpy arrays (no Python object per run).
 
     Runs are sorted, non-overlapping and cover [0, virtual_size).  For data
     runs `host` is the offset in `files[file]`; compressed runs are exactly one
-    cluster with `host`/`host_length` giving the stored byte range.
+    cluster with `host`/`host_length` giving the stored byte range and
+    `inner` the offset of the run inside the decompressed cluster.
     """
 
     guest: np.ndarray          # uint64
@@ -65,15 +69,27 @@ class ExtentTable:
     depth: np.ndarray          # int16
     files: list                # Source per file index
     codec: str = "none"        # codec of compressed runs
-    inner: np.ndarray | None = None  # compressed pieces: offset inside the cluster
+    inner: np.ndarray | None = None  # uint64, compressed pieces: offset inside the cluster
     cluster_size: int = 0      # size a compressed run decompresses to
+    flags: np.ndarray | None = None  # uint8, FLAG_* bits
+
+    ARRAYS = ("guest", "length", "kind", "host", "host_length", "file", "depth", "inner", "flags")
 
     def __post_init__(self) -> None:
         if self.inner is None:
             self.inner = np.zeros(self.guest.size, np.uint64)
+        if self.flags is None:
+            self.flags = np.zeros(self.guest.size, np.uint8)
 
     def __len__(self) -> int:
         return int(self.guest.size)
+
+    def replace(self, **arrays) -> "ExtentTable":
+        """A copy with some arrays (or files/codec) replaced."""
+        kw = {name: getattr(self, name) for name in self.ARRAYS}
+        kw.update(files=self.files, codec=self.codec, cluster_size=self.cluster_size)
+        kw.update(arrays)
+        return ExtentTable(**kw)
 
     @classmethod
     def empty(cls, files=None) -> "ExtentTable":
@@ -94,11 +110,7 @@ class ExtentTable:
                    np.zeros(1, np.int16), t.files)
 
     def take(self, mask_or_index) -> "ExtentTable":
-        return ExtentTable(self.guest[mask_or_index], self.length[mask_or_index],
-                           self.kind[mask_or_index], self.host[mask_or_index],
-                           self.host_length[mask_or_index], self.file[mask_or_index],
-                           self.depth[mask_or_index], self.files, self.codec,
-                           self.inner[mask_or_index], self.cluster_size)
+        return self.replace(**{n: getattr(self, n)[mask_or_index] for n in self.ARRAYS})
 
     @property
     def end(self) -> int:
@@ -194,7 +206,7 @@ class Image:
         if merge:
             from .io.chain import merge_for_map
             table = merge_for_map(table)
-        return extents_frame(table)
+        return extents_frame(table, [str(layer.path) for layer in self.chain])
 
     def _host_regions(self) -> list:
         """(file, offset, length, kind, owner) structures; drivers override."""

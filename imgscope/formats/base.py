@@ -38,7 +38,7 @@ def coalesce(guest: np.ndarray, length: np.ndarray, kind: np.ndarray, host: np.n
              codec: str = "none", cluster_size: int = 0, depth: int = 0) -> ExtentTable:
     """Merge neighbouring units of the same kind whose host bytes are contiguous.
 
-    Units must be sorted and contiguous in the guest.  Compressed units stay
+    Units must be sorted; gaps in the guest are never bridged.  Compressed units stay
     one per cluster (each has its own stored range).
     """
     n = guest.size
@@ -48,6 +48,7 @@ def coalesce(guest: np.ndarray, length: np.ndarray, kind: np.ndarray, host: np.n
     same = (kind[1:] == kind[:-1]) & (file[1:] == file[:-1]) & (has_host[1:] == has_host[:-1])
     same &= ~has_host[1:] | (host[:-1] + length[:-1] == host[1:])
     same &= kind[1:] != KIND_COMPRESSED
+    same &= guest[:-1] + length[:-1] == guest[1:]
     starts = np.flatnonzero(np.concatenate([[True], ~same]))
     lengths = np.add.reduceat(length, starts).astype(np.uint64)
     return ExtentTable(guest[starts].astype(np.uint64), lengths, kind[starts].astype(np.uint8),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
-                     KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST)
+                     KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HOST_HOLE)
 
 
 def split_at(table: ExtentTable, points: np.ndarray) -> ExtentTable:
@@ -37,10 +37,9 @@ def split_at(table: ExtentTable, points: np.ndarray) -> ExtentTable:
     shift = (host != NO_HOST) & (kind != KIND_COMPRESSED)
     host[shift] += delta[shift]
     inner = table.inner[idx] + np.where(kind == KIND_COMPRESSED, delta, 0).astype(np.uint64)
-    return ExtentTable(new_start.astype(np.uint64), (new_end - new_start).astype(np.uint64),
-                       kind, host, table.host_length[idx], table.file[idx],
-                       table.depth[idx], table.files, table.codec, inner,
-                       table.cluster_size)
+    out = table.take(idx)
+    return out.replace(guest=new_start.astype(np.uint64),
+                       length=(new_end - new_start).astype(np.uint64), host=host, inner=inner)
 
 
 def concat(tables: list[ExtentTable], files: list) -> ExtentTable:
@@ -49,12 +48,10 @@ def concat(tables: list[ExtentTable], files: list) -> ExtentTable:
         return ExtentTable.empty(files)
     order_keys = np.concatenate([t.guest for t in tables])
     order = np.argsort(order_keys, kind="stable")
-    cat = lambda name: np.concatenate([getattr(t, name) for t in tables])[order]
     codec = next((t.codec for t in tables if t.codec != "none"), "none")
     csize = max(t.cluster_size for t in tables)
-    return ExtentTable(cat("guest"), cat("length"), cat("kind"), cat("host"),
-                       cat("host_length"), cat("file"), cat("depth"), files, codec,
-                       cat("inner"), csize)
+    arrays = {n: np.concatenate([getattr(t, n) for t in tables])[order] for n in ExtentTable.ARRAYS}
+    return tables[0].replace(files=files, codec=codec, cluster_size=csize, **arrays)
 
 
 def resolve_chain(image) -> ExtentTable:
@@ -66,13 +63,9 @@ def resolve_chain(image) -> ExtentTable:
     below = parent.extent_table()
     files = list(own.files) + list(below.files)
     shift = len(own.files)
-    below = ExtentTable(below.guest, below.length, below.kind, below.host,
-                        below.host_length,
-                        np.where(below.file >= 0, below.file + shift, -1).astype(np.int16),
-                        (below.depth + 1).astype(np.int16), files, below.codec,
-                        below.inner, below.cluster_size)
-    own = ExtentTable(own.guest, own.length, own.kind, own.host, own.host_length,
-                      own.file, own.depth, files, own.codec, own.inner, own.cluster_size)
+    below = below.replace(file=np.where(below.file >= 0, below.file + shift, -1).astype(np.int16),
+                          depth=(below.depth + 1).astype(np.int16), files=files)
+    own = own.replace(files=files)
     parent_size = np.uint64(parent.virtual_size)
     own = split_at(own, np.array([parent_size], np.uint64))
     holes = (own.kind == KIND_UNALLOCATED) & (own.guest < parent_size)
@@ -92,9 +85,11 @@ def map_flags(table: ExtentTable):
     """qemu-img map's (present, zero, data, has_offset) for every run."""
     kind = table.kind
     present = kind != KIND_UNALLOCATED
-    zero = (kind == KIND_ZERO) | (kind == KIND_UNALLOCATED)
+    zero = (kind == KIND_ZERO) | (kind == KIND_UNALLOCATED) | ((table.flags & FLAG_HOST_HOLE) != 0)
     data = (kind == KIND_DATA) | (kind == KIND_COMPRESSED) | (kind == KIND_ENCRYPTED)
-    has_offset = (table.host != NO_HOST) & ((kind == KIND_DATA) | (kind == KIND_ZERO))
+    # unallocated runs may keep a host offset (extended L2 UNALLOCATED_ALLOC)
+    has_offset = (table.host != NO_HOST) & ((kind == KIND_DATA) | (kind == KIND_ZERO)
+                                            | (kind == KIND_UNALLOCATED))
     return present, zero, data, has_offset
 
 
@@ -118,3 +113,36 @@ def merge_for_map(table: ExtentTable) -> ExtentTable:
     many = (ends - starts) > 1
     out.host_length = np.where(many & (out.kind == KIND_COMPRESSED), 0, out.host_length).astype(np.uint64)
     return out
+
+
+def mark_host_holes(table: ExtentTable, file_index: int) -> ExtentTable:
+    """Split data runs of one host file at its data/hole boundaries; flag the holes.
+
+    QEMU does this for metadata-preallocated qcow2 images: a data cluster whose
+    host bytes were never written is reported as data *and* zero.
+    """
+    src = table.files[file_index]
+    runs = np.array(src.data_runs(), dtype=np.uint64).reshape(-1, 2)
+    d_start, d_end = runs[:, 0], runs[:, 0] + runs[:, 1]
+    bounds = np.unique(np.concatenate([d_start, d_end, [np.uint64(src.size)]]))
+    sel = np.flatnonzero((table.kind == KIND_DATA) & (table.file == file_index))
+    if not sel.size:
+        return table
+    h0, h1 = table.host[sel], table.host[sel] + table.length[sel]
+    lo = np.searchsorted(bounds, h0, side="right")
+    hi = np.searchsorted(bounds, h1, side="left")
+    counts = hi - lo
+    if counts.sum():
+        which = np.repeat(np.arange(sel.size), counts)
+        first = np.cumsum(counts) - counts
+        k = np.arange(which.size) - first[which]
+        hb = bounds[lo[which] + k]
+        points = np.unique(table.guest[sel][which] + (hb - h0[which]))
+        table = split_at(table, points)
+    data = (table.kind == KIND_DATA) & (table.file == file_index)
+    host = table.host
+    i = np.searchsorted(d_start, host, side="right") - 1
+    in_data = (i >= 0) & (host < d_end[np.maximum(i, 0)]) if d_start.size else np.zeros(host.size, bool)
+    flags = table.flags.copy()
+    flags[data & ~in_data] |= FLAG_HOST_HOLE
+    return table.replace(flags=flags)

@@ -130,9 +130,32 @@ class Qcow2Image(Image):
 
     def _own_extents(self) -> ExtentTable:
         if self._own_cache is None:
-            self._own_cache = map_l1(self, self.geometry, self.l1(),
-                                     self.header.values["l1_table_offset"])
+            t = map_l1(self, self.geometry, self.l1(), self.header.values["l1_table_offset"])
+            self._own_cache = self._flag_preallocated(t)
         return self._own_cache
+
+    def _flag_preallocated(self, table: ExtentTable) -> ExtentTable:
+        """Mark never-written data clusters the way QEMU's map does.
+
+        QEMU considers an image metadata-preallocated when more clusters are
+        refcounted than the host file really allocates (by 10% or 2 clusters);
+        it then asks the host file which data clusters are holes.
+        """
+        if self.geometry.encrypted:
+            return table
+        from ...io.chain import mark_host_holes
+        from .refcounts import refcounts as _rc
+        cs = self.cluster_size
+        real_clusters = self.source.allocated // cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = -(-self.source.size // cs)
+        if end_cluster < threshold:
+            return table
+        _, rc = _rc(self)
+        if int(np.count_nonzero(rc[:end_cluster])) < threshold:
+            return table
+        self.metadata_preallocated = True
+        return mark_host_holes(table, 1 if self.geometry.data_file else 0)
 
     # ---- snapshots --------------------------------------------------------------------
     def find_snapshot(self, name_or_id) -> dict:

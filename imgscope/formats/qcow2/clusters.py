@@ -219,7 +219,7 @@ def _classify_extended(image, geo: Geometry, entries, guest):
     uniform = compressed | ((alloc == 0) & ((zero == 0) | (zero == full))) | ((alloc == full) & (zero == 0))
     kind = np.select([compressed, alloc == full, zero == full], [KIND_COMPRESSED, data_kind, KIND_ZERO],
                      default=KIND_UNALLOCATED).astype(np.uint8)
-    host = np.where((kind == data_kind) | ((kind == KIND_ZERO) & (off != 0)), off, NO_HOST).astype(np.uint64)
+    host = np.where(off != 0, off, NO_HOST).astype(np.uint64)
     hlen = np.zeros(e.size, np.uint64)
     if compressed.any():
         k2, h2, l2 = classify_standard(geo, e[compressed])
@@ -234,8 +234,9 @@ def _classify_extended(image, geo: Geometry, entries, guest):
     z = ((zero[mixed, None] >> bits) & np.uint64(1)) == 1
     skind = np.select([a, z], [data_kind, KIND_ZERO], default=KIND_UNALLOCATED).astype(np.uint8)
     sub_off = off[mixed, None] + bits * np.uint64(sc)
-    shost = np.where((skind == data_kind) | ((skind == KIND_ZERO) & (off[mixed, None] != 0)),
-                     sub_off, NO_HOST).astype(np.uint64)
+    # every subcluster of an allocated cluster keeps its host offset (QEMU reports it
+    # for ZERO_ALLOC and UNALLOCATED_ALLOC too); plain ones have none
+    shost = np.where(off[mixed, None] != 0, sub_off, NO_HOST).astype(np.uint64)
     sguest = guest[mixed, None] + bits * np.uint64(sc)
     bad = np.flatnonzero(((alloc[mixed] & zero[mixed]) != 0) | ((off[mixed] == 0) & (alloc[mixed] != 0)))
     if bad.size:
