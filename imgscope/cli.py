@@ -3,6 +3,7 @@
     imgscope info [--output human|json] [--backing-chain] [-f FMT] FILE
     imgscope map  [--output human|json] [-f FMT] [--start-offset N] [--max-length N] FILE
     imgscope fields|tables [NAME]|regions [--output table|csv|json] FILE
+    imgscope survey PATH...
 
 Errors print one line on stderr and exit non-zero (1), never a traceback.
 """
@@ -117,6 +118,36 @@ def cmd_regions(args) -> int:
     return 0
 
 
+def cmd_survey(args) -> int:
+    """One line per image in the given files/folders: what it is and what it holds."""
+    import imgscope
+    from pathlib import Path
+    from .frames import human_size
+    paths = []
+    for p in args.paths:
+        p = Path(p)
+        paths += sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p]
+    rows = [("FILE", "FORMAT", "VIRTUAL", "DATA", "CHAIN", "SNAPSHOTS", "FINDINGS")]
+    for path in paths:
+        try:
+            cands = imgscope.probe(path)
+            if cands[0].format == "raw" and path.suffix not in (".raw", ".img", ".bin", ".dd"):
+                continue  # not an image (scripts, notes)
+            with imgscope.open(path, allow_paths=args.allow_path) as img:
+                ext = img.extents()
+                data = int(ext.length[ext.kind.isin(["data", "compressed", "encrypted"])].sum())
+                rows.append((path.name, f"{img.format} {img.variant}".strip(),
+                             human_size(img.virtual_size), human_size(data),
+                             " <- ".join(i.path.name for i in img.chain[1:]) or "-",
+                             str(len(img.snapshots)), str(len(img.findings))))
+        except ImageError as exc:
+            rows.append((path.name, "error", "-", "-", "-", "-", exc.message))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgscope", description="Look inside VM disk images "
                                 "(qemu-img compatible verbs plus our own).")
@@ -124,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    def common(sp, outputs=("human", "json"), default="human"):
+    def common(sp, outputs=("human", "json"), default="human", before_file=None):
         sp.add_argument("-f", "--format", dest="format", help="image format (default: probe)")
         sp.add_argument("--output", choices=outputs, default=default,
                         help=f"output format (default {default})")
@@ -133,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--strict", action="store_true", help="fail on the first damaged structure")
         sp.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (imgscope never locks or writes)")
+        if before_file:
+            before_file(sp)
         sp.add_argument("filename", metavar="FILE")
 
     sp = sub.add_parser("info", help="summary like qemu-img info")
@@ -152,9 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_fields)
 
     sp = sub.add_parser("tables", help="list metadata tables, or print one")
-    common(sp, tab, "table")
-    sp.add_argument("name", nargs="?", help="table to print")
+    common(sp, tab, "table", before_file=lambda p: p.add_argument(
+        "name", nargs="?", help="table to print (omit to list the tables)"))
     sp.set_defaults(func=cmd_tables)
+
+    sp = sub.add_parser("survey", help="one line per image in files or folders")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("--allow-path", action="append", metavar="DIR")
+    sp.set_defaults(func=cmd_survey)
 
     sp = sub.add_parser("regions", help="host-file layout: every byte's owner")
     common(sp, tab, "table")
@@ -164,7 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `tables NAME --output json FILE`: argparse takes NAME as FILE when options
+    # come between the two positionals; the leftover is the real FILE.
+    if (extra and getattr(args, "verb", None) == "tables" and args.name is None
+            and len(extra) == 1 and not extra[0].startswith("-")):
+        args.name, args.filename = args.filename, extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ImageError as exc:

@@ -14,7 +14,7 @@ def image_info(image) -> dict:
     """The keys and values `qemu-img info --output=json` prints for this image."""
     out: dict = {"virtual-size": image.virtual_size, "filename": _given_name(image),
                  "format": image.format, "actual-size": actual_size(image),
-                 "dirty-flag": False}
+                 "dirty-flag": bool(image.dirty)}
     if image.cluster_size:
         out["cluster-size"] = image.cluster_size
     fs = image.format_specific()

@@ -48,6 +48,7 @@ class Finding:
 
 
 FLAG_HOST_HOLE = 1   # data run whose host bytes are a hole (QEMU reports zero too)
+FLAG_HIDDEN_OFFSET = 2   # host offset not reported by qemu-img map (encrypted images)
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Image:
         self._field_rows: list = []
         self._tables: dict[str, Any] = {}
         self._extents_cache: ExtentTable | None = None
+        self.snapshots: list[dict] = []
 
     # ---- findings ---------------------------------------------------------------
     def note(self, severity: str, code: str, message: str, *, raise_in_strict: bool = True,
@@ -228,6 +230,8 @@ class Image:
         if backing_chain:
             return [image_info(img) for img in self.chain]
         return image_info(self)
+
+    dirty = False   # qemu-img info's dirty-flag
 
     def format_specific(self) -> dict | None:
         return None

@@ -18,7 +18,7 @@ def tile_regions(structures: list, sources: list):
     """structures: (file_index, offset, length, kind, owner) tuples or array dicts."""
     out_files, out_off, out_len, out_kind, out_owner = [], [], [], [], []
     for fi, src in enumerate(sources):
-        items = [s for s in structures if s[0] == fi and s[2] > 0]
+        items = [s for s in structures if s[0] == fi and np.any(np.asarray(s[2]) > 0)]
         name = str(src.path)
         o, l, k, w = _tile_one(items, src.size)
         out_files += [name] * len(o)

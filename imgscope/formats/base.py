@@ -35,7 +35,8 @@ def validate_table(image, offset: int, nbytes: int, structure: str, *,
 
 def coalesce(guest: np.ndarray, length: np.ndarray, kind: np.ndarray, host: np.ndarray,
              host_length: np.ndarray, file: np.ndarray, files: list, *,
-             codec: str = "none", cluster_size: int = 0, depth: int = 0) -> ExtentTable:
+             codec: str = "none", cluster_size: int = 0, depth: int = 0,
+             flags: np.ndarray | None = None) -> ExtentTable:
     """Merge neighbouring units of the same kind whose host bytes are contiguous.
 
     Units must be sorted; gaps in the guest are never bridged.  Compressed units stay
@@ -49,10 +50,12 @@ def coalesce(guest: np.ndarray, length: np.ndarray, kind: np.ndarray, host: np.n
     same &= ~has_host[1:] | (host[:-1] + length[:-1] == host[1:])
     same &= kind[1:] != KIND_COMPRESSED
     same &= guest[:-1] + length[:-1] == guest[1:]
+    if flags is not None:
+        same &= flags[1:] == flags[:-1]
     starts = np.flatnonzero(np.concatenate([[True], ~same]))
     lengths = np.add.reduceat(length, starts).astype(np.uint64)
     return ExtentTable(guest[starts].astype(np.uint64), lengths, kind[starts].astype(np.uint8),
                        host[starts].astype(np.uint64), host_length[starts].astype(np.uint64),
                        file[starts].astype(np.int16),
                        np.full(starts.size, depth, np.int16), files, codec,
-                       None, cluster_size)
+                       None, cluster_size, None if flags is None else flags[starts])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
-                     KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HOST_HOLE)
+                     KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HOST_HOLE, FLAG_HIDDEN_OFFSET)
 
 
 def split_at(table: ExtentTable, points: np.ndarray) -> ExtentTable:
@@ -90,6 +90,7 @@ def map_flags(table: ExtentTable):
     # unallocated runs may keep a host offset (extended L2 UNALLOCATED_ALLOC)
     has_offset = (table.host != NO_HOST) & ((kind == KIND_DATA) | (kind == KIND_ZERO)
                                             | (kind == KIND_UNALLOCATED))
+    has_offset &= (table.flags & FLAG_HIDDEN_OFFSET) == 0
     return present, zero, data, has_offset
 
 

@@ -199,6 +199,10 @@ class Qcow2Image(Image):
         from .regions import host_regions
         return host_regions(self)
 
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.values["incompatible_features"] & S.INCOMPAT_DIRTY)
+
     def format_specific(self) -> dict:
         from .info import format_specific
         return format_specific(self)

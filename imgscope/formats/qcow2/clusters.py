@@ -13,7 +13,7 @@ import numpy as np
 
 from ...errors import LimitExceeded
 from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
-                      KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST)
+                      KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HIDDEN_OFFSET)
 from ...schemas import qcow2 as S
 from ..base import coalesce, validate_table
 from .. import base as _base
@@ -180,7 +180,7 @@ def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | 
     from ...io.chain import concat
     t = concat(pieces, files)
     t = coalesce(t.guest, t.length, t.kind, t.host, t.host_length, t.file, files,
-                 codec=geo.codec, cluster_size=cs)
+                 codec=geo.codec, cluster_size=cs, flags=t.flags)
     # clip to the virtual size
     keep = t.guest < np.uint64(size)
     t = t.take(keep)
@@ -201,8 +201,9 @@ def _classify_chunk(image, geo: Geometry, entries, guest, files) -> ExtentTable:
         kind, host, hlen, guest, length = _classify_extended(image, geo, entries, guest)
     file = np.where(host == NO_HOST, -1,
                     np.where(kind == KIND_COMPRESSED, 0, data_file_idx)).astype(np.int16)
+    flags = np.full(kind.size, FLAG_HIDDEN_OFFSET if geo.encrypted else 0, np.uint8)
     return coalesce(guest, length, kind, host, hlen, file, files, codec=geo.codec,
-                    cluster_size=cs)
+                    cluster_size=cs, flags=flags)
 
 
 def _classify_extended(image, geo: Geometry, entries, guest):

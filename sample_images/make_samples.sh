@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Regenerates the small sample images in this folder with qemu-img / qemu-io.
+# Deterministic contents (fixed patterns); only timestamps and LUKS salts vary.
+set -euo pipefail
+cd "$(dirname "$0")"
+rm -f demo.qcow2 chain-base.qcow2 chain-top.qcow2 compressed.qcow2 sparse.raw
+q() { qemu-io -f qcow2 "$@" >/dev/null; }
+
+# demo.qcow2: v3, 16 MiB, data across cluster boundaries, a zero cluster, two snapshots, a bitmap
+qemu-img create -q -f qcow2 demo.qcow2 16M
+qemu-img bitmap --add demo.qcow2 changes
+q -c "write -P 0x11 0 96k" -c "write -P 0x22 1M 64k" demo.qcow2
+qemu-img snapshot -c before-update demo.qcow2
+q -c "write -P 0x33 32k 64k" -c "write -z 1M 64k" demo.qcow2
+qemu-img snapshot -c after-update demo.qcow2
+q -c "write -P 0x44 8M 128k" demo.qcow2
+
+# chain-base.qcow2 <- chain-top.qcow2 (relative backing name)
+qemu-img create -q -f qcow2 -o cluster_size=4096 chain-base.qcow2 8M
+q -c "write -P 0xaa 0 256k" -c "write -P 0xbb 4M 64k" chain-base.qcow2
+qemu-img create -q -f qcow2 -b chain-base.qcow2 -F qcow2 chain-top.qcow2
+q -c "write -P 0xcc 64k 64k" -c "write -z 4M 64k" chain-top.qcow2
+
+# sparse.raw: a raw disk with data at three places
+truncate -s 2M sparse.raw
+qemu-io -f raw -c "write -P 0x5a 0 4k" -c "write -P 0x5b 512k 8k" -c "write -P 0x5c 1536k 4k" sparse.raw >/dev/null
+
+# compressed.qcow2: zlib-compressed clusters from the raw disk
+qemu-img convert -c -O qcow2 sparse.raw compressed.qcow2
+ls -l
