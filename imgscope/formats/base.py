@@ -1,7 +1,10 @@
 """Pieces every driver shares: table validation gate and run coalescing."""
 from __future__ import annotations
 
+import construct as cs
 import numpy as np
+
+from ..schemas._types import field_layout
 
 from ..model import ExtentTable, KIND_COMPRESSED, NO_HOST
 
@@ -59,3 +62,23 @@ def coalesce(guest: np.ndarray, length: np.ndarray, kind: np.ndarray, host: np.n
                        file[starts].astype(np.int16),
                        np.full(starts.size, depth, np.int16), files, codec,
                        None, cluster_size, None if flags is None else flags[starts])
+
+
+def parse_records(image, struct, area: bytes, base: int, count: int, *, name: str,
+                  code: str):
+    """Yield (index, rows, start, size) for consecutive variable-size records.
+
+    A record that does not fit `area` ends the walk with a finding `code`.
+    """
+    pos = 0
+    for i in range(count):
+        try:
+            rows = field_layout(struct, area, structure=f"{name}[{i}]", base_offset=base,
+                                start=pos)
+        except (cs.ConstructError, UnicodeDecodeError):
+            image.note("error", code, f"{name} entry {i} does not fit its table",
+                       structure=name, index=i, host_offset=base + pos)
+            return
+        size = sum(r.size for r in rows)
+        yield i, rows, pos, size
+        pos += size

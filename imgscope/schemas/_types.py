@@ -48,8 +48,8 @@ class NumpyArray(cs.Construct):
         return self._count(context) * self.dtype.itemsize
 
 
-class FlagsInt(cs.Adapter):
-    """An integer bit field whose set bits are named in `names` (bit -> name)."""
+class NamedInt(cs.Adapter):
+    """An integer field with names for its values or bits; parses to a plain int."""
 
     def __init__(self, subcon, names: dict[int, str]) -> None:
         super().__init__(subcon)
@@ -61,26 +61,17 @@ class FlagsInt(cs.Adapter):
     def _encode(self, obj, context, path):
         return int(obj)
 
+
+class FlagsInt(NamedInt):
+    """A bit field: `names` maps bit number -> name."""
+
     def describe(self, value: int) -> str:
-        parts = []
-        for bit in range(64):
-            if value >> bit & 1:
-                parts.append(self.names.get(bit, f"unknown bit {bit}"))
+        parts = [self.names.get(bit, f"unknown bit {bit}") for bit in range(64) if value >> bit & 1]
         return ", ".join(parts) if parts else "none"
 
 
-class EnumInt(cs.Adapter):
-    """An integer whose values have names; parsed value stays an int."""
-
-    def __init__(self, subcon, names: dict[int, str]) -> None:
-        super().__init__(subcon)
-        self.names = dict(names)
-
-    def _decode(self, obj, context, path):
-        return int(obj)
-
-    def _encode(self, obj, context, path):
-        return int(obj)
+class EnumInt(NamedInt):
+    """An enumeration: `names` maps value -> name."""
 
     def describe(self, value: int) -> str:
         return self.names.get(value, f"unknown ({value})")
@@ -105,7 +96,7 @@ def docs_of(subcon: cs.Construct) -> str:
 
 def describer_of(subcon: cs.Construct):
     while subcon is not None:
-        if isinstance(subcon, (FlagsInt, EnumInt)):
+        if isinstance(subcon, NamedInt):
             return subcon
         subcon = getattr(subcon, "subcon", None)
     return None
@@ -144,14 +135,17 @@ class FieldRow:
 
 
 def field_layout(struct: cs.Struct, data: bytes, *, structure: str,
-                 base_offset: int = 0, parsed: Any = None) -> list[FieldRow]:
+                 base_offset: int = 0, start: int = 0) -> list[FieldRow]:
     """Parse `data` with `struct` and describe every named field's place.
 
     Offsets are found by parsing field by field from one stream, so variable
     sized members are handled; anonymous members (padding) appear as
-    `<padding>` rows so the rows tile the structure.
+    `<padding>` rows so the rows tile the structure.  The record starts at
+    `start` inside `data`, whose first byte lies at host offset `base_offset`
+    (so a table of records is parsed without slicing copies).
     """
     stream = io.BytesIO(data)
+    stream.seek(start)
     ctx = cs.Container(_io=stream, _params={}, _root=None, _parsing=True,
                        _building=False, _sizing=False, _subcons=None, _index=None)
     rows: list[FieldRow] = []

@@ -1,12 +1,10 @@
 """qcow2 persistent dirty bitmaps: directory entries and bitmap tables."""
 from __future__ import annotations
 
-import construct as cs
 import numpy as np
 
 from ...schemas import qcow2 as S
-from ...schemas._types import field_layout
-from ..base import validate_table
+from ..base import validate_table, parse_records
 
 
 def parse_bitmaps(image) -> list[dict]:
@@ -26,22 +24,14 @@ def parse_bitmaps(image) -> list[dict]:
                           limit=1024 * 65535):
         return []
     area = image.source.read(off, size, "bitmap directory")
-    out, pos = [], 0
-    for i in range(min(n, 65535)):
-        try:
-            rows = field_layout(S.bitmap_dir_entry, area[pos:], structure=f"bitmap[{i}]",
-                                base_offset=off + pos)
-        except cs.ConstructError:
-            image.note("error", "bitmap_directory_truncated",
-                       f"bitmap directory entry {i} does not fit the directory",
-                       structure="bitmap directory", index=i, host_offset=off + pos)
-            break
+    out = []
+    for i, rows, pos, size in parse_records(image, S.bitmap_dir_entry, area, off, min(n, 65535),
+                                            name="bitmap", code="bitmap_directory_truncated"):
         v = {r.field: r.value for r in rows}
         entry = dict(v, index=i, offset=off + pos, rows=rows,
                      granularity=1 << v["granularity_bits"])
         entry["table"] = read_bitmap_table(image, entry)
         out.append(entry)
-        pos += sum(r.size for r in rows)
     return out
 
 

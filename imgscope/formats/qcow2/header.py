@@ -181,6 +181,13 @@ def parse_extensions(image, hdr: Header, cluster_size: int) -> None:
                                  name, "backing file name (relative to the image's folder)"))
 
 
+# fixed-size extensions: type -> (schema, size, finding code on bad length, Header attribute)
+FIXED_EXTENSIONS = {
+    S.EXT_BITMAPS: (S.bitmaps_extension, 24, "bitmaps_extension_length", "bitmaps_ext"),
+    S.EXT_CRYPTO: (S.crypto_extension, 16, "crypto_extension_length", "crypto_ext"),
+}
+
+
 def _decode_extension(image, hdr: Header, ext: Extension, structure: str) -> None:
     base = ext.offset + 8
     data = ext.data
@@ -205,24 +212,15 @@ def _decode_extension(image, hdr: Header, ext: Extension, structure: str) -> Non
             image.note("warning", "feature_table_length",
                        "feature name table length is not a multiple of 48",
                        structure=structure, host_offset=ext.offset)
-    elif ext.type == S.EXT_BITMAPS:
-        if len(data) != 24:
-            image.note("error", "bitmaps_extension_length",
-                       f"bitmaps extension has {len(data)} bytes, expected 24",
+    elif ext.type in FIXED_EXTENSIONS:
+        struct, size, code, attr = FIXED_EXTENSIONS[ext.type]
+        if len(data) != size:
+            image.note("error", code, f"{ext.name} has {len(data)} bytes, expected {size}",
                        structure=structure, host_offset=ext.offset)
             return
-        rows = _parse(S.bitmaps_extension, data, structure, base, image)
+        rows = _parse(struct, data, structure, base, image)
         hdr.rows += rows
-        hdr.bitmaps_ext = {r.field: r.value for r in rows}
-    elif ext.type == S.EXT_CRYPTO:
-        if len(data) != 16:
-            image.note("error", "crypto_extension_length",
-                       f"encryption header pointer has {len(data)} bytes, expected 16",
-                       structure=structure, host_offset=ext.offset)
-            return
-        rows = _parse(S.crypto_extension, data, structure, base, image)
-        hdr.rows += rows
-        hdr.crypto_ext = {r.field: r.value for r in rows}
+        setattr(hdr, attr, {r.field: r.value for r in rows})
     else:
         hdr.rows.append(FieldRow(structure, "data", base, len(data), data, data,
                                  data[:16].hex(" "), "unknown extension data (kept verbatim)"))

@@ -1,11 +1,8 @@
 """qcow2 internal snapshot table: entries, extra data, and each snapshot's L1."""
 from __future__ import annotations
 
-import construct as cs
-
 from ...schemas import qcow2 as S
-from ...schemas._types import field_layout
-from ..base import validate_table
+from ..base import parse_records
 
 
 def parse_snapshots(image) -> list[dict]:
@@ -25,23 +22,11 @@ def parse_snapshots(image) -> list[dict]:
         return []
     # the table is at most 64 MiB; read what the file holds of it
     area = image.source.read_upto(off, min(64 << 20, image.source.size - off))
-    out, pos = [], 0
-    for i in range(n):
-        if pos + 40 > len(area):
-            image.note("error", "snapshot_table_truncated",
-                       f"snapshot entry {i} extends past the end of the file",
-                       structure="snapshot table", index=i, host_offset=off + pos)
-            break
-        try:
-            rows = field_layout(S.snapshot_entry, area[pos:], structure=f"snapshot[{i}]",
-                                base_offset=off + pos)
-        except cs.ConstructError:
-            image.note("error", "snapshot_entry_truncated",
-                       f"snapshot entry {i} extends past the end of the file",
-                       structure="snapshot table", index=i, host_offset=off + pos)
-            break
+    out, end = [], 0
+    for i, rows, pos, size in parse_records(image, S.snapshot_entry, area, off, n,
+                                            name="snapshot", code="snapshot_table_truncated"):
         v = {r.field: r.value for r in rows}
-        size = sum(r.size for r in rows)
+        end = pos + size
         extra = v["extra_data"]
         if v["extra_data_size"] > S.MAX_SNAPSHOT_EXTRA:
             image.note("error", "snapshot_extra_too_large",
@@ -62,6 +47,5 @@ def parse_snapshots(image) -> list[dict]:
         entry["icount"] = x.icount if len(extra) >= 24 else -1
         entry["rows"] = rows
         out.append(entry)
-        pos += size
-    image._snapshot_table_bytes = pos
+    image._snapshot_table_bytes = end
     return out
