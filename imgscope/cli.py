@@ -43,13 +43,10 @@ def _name_chain(img) -> None:
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-    t = text.strip().lower().rstrip("ib") if text.strip().lower()[-2:] in ("ib",) else text.strip().lower()
-    num = t.rstrip("kmgtpb")
-    unit = t[len(num):][:1]
+    from .units import parse_size
     try:
-        return int(float(num) * units[unit])
-    except (ValueError, KeyError):
+        return parse_size(text)
+    except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
 
 
@@ -66,10 +63,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from .map import map_entries, map_json, map_human
+    from .map import map_entries, map_json_fast, map_human, map_table
     img = _open(args)
-    entries = map_entries(img, args.start_offset, args.max_length)
-    print(map_json(entries) if args.output == "json" else map_human(entries))
+    if args.output == "json":
+        print(map_json_fast(map_table(img, args.start_offset, args.max_length)))
+    else:
+        print(map_human(map_entries(img, args.start_offset, args.max_length)))
     return 0
 
 
@@ -122,7 +121,7 @@ def cmd_survey(args) -> int:
     """One line per image in the given files/folders: what it is and what it holds."""
     import imgscope
     from pathlib import Path
-    from .frames import human_size
+    from .units import human_size
     paths = []
     for p in args.paths:
         p = Path(p)
@@ -222,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (OSError, MemoryError, ValueError, RecursionError) as exc:
         print(f"imgscope: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line (IMGSCOPE_DEBUG=1 shows the traceback)
+        import os
+        if os.environ.get("IMGSCOPE_DEBUG"):
+            raise
+        print(f"imgscope: internal error ({type(exc).__name__}: {exc}); "
+              "set IMGSCOPE_DEBUG=1 for details", file=sys.stderr)
         return 1
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from .units import human_size
 from .model import KINDS, NO_HOST, KIND_COMPRESSED, SEVERITIES, Finding
 
 FIELDS_COLUMNS = ["structure", "field", "offset", "size", "raw", "value", "display", "description"]
@@ -133,19 +134,6 @@ class TableDict(Mapping):
 
     def __repr__(self) -> str:
         return f"TableDict({', '.join(self._makers)})"
-
-
-def human_size(n: int) -> str:
-    """qemu-img style size: '1 GiB', '192 KiB', '1.5 MiB'."""
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    value, i = float(n), 0
-    while value >= 1024 and i < len(units) - 1:
-        value /= 1024
-        i += 1
-    if i == 0:
-        return f"{n} B"
-    text = f"{value:.3g}"
-    return f"{text} {units[i]}"
 
 
 _CARD_CSS = ("<style>.imgscope-card{font-family:monospace;border:1px solid #ccc;padding:6px;"

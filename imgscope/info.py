@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .frames import human_size
+from .units import human_size
 
 
 def _given_name(image) -> str:

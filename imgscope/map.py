@@ -7,14 +7,19 @@ from .io.chain import map_flags, merge_for_map, split_at
 from .model import NO_HOST
 
 
-def map_entries(image, start: int = 0, length: int | None = None) -> list[dict]:
-    """The list `qemu-img map --output=json` prints (7.2 keys)."""
+def map_table(image, start: int = 0, length: int | None = None):
+    """The merged extent table for [start, start+length), qemu-img map's entries."""
     table = image.extent_table()
     end = image.virtual_size if length is None else min(image.virtual_size, start + length)
     if start or end < image.virtual_size:
         table = split_at(table, np.array(sorted({start, end}), np.uint64))
         table = table.take((table.guest >= np.uint64(start)) & (table.guest < np.uint64(end)))
-    table = merge_for_map(table)
+    return merge_for_map(table)
+
+
+def map_entries(image, start: int = 0, length: int | None = None) -> list[dict]:
+    """The list `qemu-img map --output=json` prints (7.2 keys), plus the file name."""
+    table = map_table(image, start, length)
     present, zero, data, has_offset = map_flags(table)
     out = []
     g, ln, d, h = (table.guest.tolist(), table.length.tolist(), table.depth.tolist(),
@@ -43,6 +48,32 @@ def json_entry(e: dict) -> str:
 def map_json(entries: list[dict]) -> str:
     """Byte-for-byte the layout qemu-img 7.2 prints."""
     return "[" + ",\n".join(json_entry(e) for e in entries) + "]"
+
+
+def map_json_fast(table) -> str:
+    """map_json straight from the arrays: no dict per entry (10^5+ extents).
+
+    One %-format over a joined template runs the per-entry work in C.
+    """
+    import itertools
+    present, zero, data, has_offset = map_flags(table)
+    n = len(table)
+    if n == 0:
+        return "[]"
+    tf = lambda v: "true" if v else "false"
+    templates = []
+    for code in range(16):
+        p, z, d, o = code >> 3 & 1, code >> 2 & 1, code >> 1 & 1, code & 1
+        t = ('{ "start": %d, "length": %d, "depth": %d, '
+             f'"present": {tf(p)}, "zero": {tf(z)}, "data": {tf(d)}')
+        templates.append(t + (', "offset": %d}' if o else '%.0s}'))
+    code = (present.astype(np.uint8) << 3 | zero.astype(np.uint8) << 2
+            | data.astype(np.uint8) << 1 | has_offset.astype(np.uint8))
+    fmt = ",\n".join(np.array(templates, dtype=object)[code].tolist())
+    values = tuple(itertools.chain.from_iterable(zip(
+        table.guest.tolist(), table.length.tolist(), table.depth.tolist(),
+        np.where(has_offset, table.host, 0).tolist())))
+    return "[" + fmt % values + "]"
 
 
 def map_human(entries: list[dict]) -> str:

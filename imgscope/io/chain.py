@@ -46,8 +46,11 @@ def concat(tables: list[ExtentTable], files: list) -> ExtentTable:
     tables = [t for t in tables if len(t)]
     if not tables:
         return ExtentTable.empty(files)
+    tables = sorted(tables, key=lambda t: int(t.guest[0]))
     order_keys = np.concatenate([t.guest for t in tables])
-    order = np.argsort(order_keys, kind="stable")
+    # pieces usually arrive sorted and disjoint: only sort when they are not
+    order = (slice(None) if bool(np.all(order_keys[1:] >= order_keys[:-1]))
+             else np.argsort(order_keys, kind="stable"))
     codec = next((t.codec for t in tables if t.codec != "none"), "none")
     csize = max(t.cluster_size for t in tables)
     arrays = {n: np.concatenate([getattr(t, n) for t in tables])[order] for n in ExtentTable.ARRAYS}

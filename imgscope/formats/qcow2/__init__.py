@@ -180,20 +180,19 @@ class Qcow2Image(Image):
 
     # ---- tables ------------------------------------------------------------------------
     def _register_tables(self) -> None:
-        from . import tables as T
-        self._tables.update({
-            "extensions": lambda: T.extensions_frame(self),
-            "feature_names": lambda: T.feature_names_frame(self),
-            "l1": lambda: T.l1_frame(self, self.l1(), self.header.values["l1_table_offset"]),
-            "l2": lambda: T.l2_frame(self, self.l1()),
-            "refcount_table": lambda: T.reftable_frame(self),
-            "refcounts": lambda: T.refcounts_frame(self),
-            "snapshots": lambda: T.snapshots_frame(self),
-            "bitmaps": lambda: T.bitmaps_frame(self),
-            "bitmap_tables": lambda: T.bitmap_tables_frame(self),
-        })
+        """Table frames are built on first access (pandas is imported only then)."""
+        def lazy(name):
+            def make():
+                from . import tables
+                return getattr(tables, name)(self)
+            return make
+        names = {"extensions": "extensions_frame", "feature_names": "feature_names_frame",
+                 "l1": "l1_frame", "l2": "l2_frame", "refcount_table": "reftable_frame",
+                 "refcounts": "refcounts_frame", "snapshots": "snapshots_frame",
+                 "bitmaps": "bitmaps_frame", "bitmap_tables": "bitmap_tables_frame"}
         if self.luks:
-            self._tables["luks_keyslots"] = lambda: T.luks_slots_frame(self)
+            names["luks_keyslots"] = "luks_slots_frame"
+        self._tables.update({table: lazy(fn) for table, fn in names.items()})
 
     def _host_regions(self) -> list:
         from .regions import host_regions

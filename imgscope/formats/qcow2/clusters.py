@@ -106,7 +106,9 @@ def read_l2_tables(image, geo: Geometry, offsets: np.ndarray) -> tuple[np.ndarra
         raise LimitExceeded(f"{uniq.size} L2 tables exceed the metadata limit of {budget} bytes",
                             path=str(image.path), structure="L2 tables")
     dtype = S.EXTENDED_L2_DTYPE if geo.extended_l2 else S.TABLE_DTYPE
-    out = np.empty((uniq.size, geo.l2_entries), dtype=dtype)
+    native = dtype.newbyteorder("=") if not geo.extended_l2 else np.dtype(
+        [("entry", np.uint64), ("bitmap", np.uint64)])
+    out = np.empty((uniq.size, geo.l2_entries), dtype=native)
     # contiguous tables are read with one pread
     if uniq.size:
         breaks = np.flatnonzero(np.diff(uniq) != cs) + 1
@@ -172,9 +174,7 @@ def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | 
         idx = allocated[c:c + per_chunk]
         rows = np.searchsorted(uniq, l2off[idx])
         entries = tables[rows].reshape(-1)
-        guest = ((idx.astype(np.uint64)[:, None] * np.uint64(l2e)
-                  + np.arange(l2e, dtype=np.uint64)[None, :]).reshape(-1) << np.uint64(unit_bits))
-        pieces.append(_classify_chunk(image, geo, entries, guest, files))
+        pieces.append(_classify_chunk(image, geo, entries, idx, files))
     if not pieces:
         return ExtentTable.empty(files)
     from ...io.chain import concat
@@ -191,13 +191,37 @@ def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | 
     return t
 
 
-def _classify_chunk(image, geo: Geometry, entries, guest, files) -> ExtentTable:
+def _guest_of(geo: Geometry, idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Guest offset of entry `pos` of a chunk made of the L2 tables of L1 entries `idx`."""
+    l2e = geo.l2_entries
+    return ((idx[pos // l2e].astype(np.uint64) * np.uint64(l2e) + (pos % l2e).astype(np.uint64))
+            << np.uint64(geo.cluster_bits))
+
+
+def _classify_chunk(image, geo: Geometry, entries, idx, files) -> ExtentTable:
+    """Runs of one chunk of L2 entries.
+
+    Standard entries: a run goes on while the next entry is the same (no host)
+    or the same plus one cluster (contiguous host, same flags), so only run
+    starts are classified: a metadata-preallocated TiB is a handful of runs.
+    """
     cs = geo.cluster_size
     data_file_idx = 1 if geo.data_file else 0
     if not geo.extended_l2:
-        kind, host, hlen = classify_standard(geo, entries)
-        length = np.full(entries.size, cs, np.uint64)
+        e = entries
+        step = e[1:] - e[:-1]
+        off = e & np.uint64(S.L2E_OFFSET_MASK)
+        compressed = (e & np.uint64(S.OFLAG_COMPRESSED)) != 0
+        hosted = (off != 0) & ~compressed
+        same = np.where(hosted[:-1], step == np.uint64(cs), step == 0) & ~compressed[1:]
+        same[geo.l2_entries - 1::geo.l2_entries] = False   # table boundaries
+        starts = np.flatnonzero(np.concatenate([[True], ~same]))
+        counts = np.diff(np.append(starts, e.size)).astype(np.uint64)
+        kind, host, hlen = classify_standard(geo, e[starts])
+        length = counts * np.uint64(cs)
+        guest = _guest_of(geo, idx, starts)
     else:
+        guest = _guest_of(geo, idx, np.arange(entries.size))
         kind, host, hlen, guest, length = _classify_extended(image, geo, entries, guest)
     file = np.where(host == NO_HOST, -1,
                     np.where(kind == KIND_COMPRESSED, 0, data_file_idx)).astype(np.int16)

@@ -36,7 +36,8 @@ def feature_names_frame(img) -> pd.DataFrame:
     })
 
 
-def l1_frame(img, l1: np.ndarray, l1_offset: int) -> pd.DataFrame:
+def l1_frame(img) -> pd.DataFrame:
+    l1, l1_offset = img.l1(), img.header.values["l1_table_offset"]
     n = l1.size
     return pd.DataFrame({
         "index": np.arange(n, dtype=np.int64),
@@ -48,9 +49,10 @@ def l1_frame(img, l1: np.ndarray, l1_offset: int) -> pd.DataFrame:
     })
 
 
-def l2_frame(img, l1: np.ndarray) -> pd.DataFrame:
+def l2_frame(img) -> pd.DataFrame:
     """Every entry of every L2 table reachable from the active L1."""
     geo = img.geometry
+    l1 = img.l1()
     l1 = l1[:geo.l1_needed]
     off = l2_offsets(img, geo, l1, img.header.values["l1_table_offset"], "L1 table")
     alloc = np.flatnonzero(off)
