@@ -223,14 +223,13 @@ luks_header = cs.Struct(
 )
 
 
-def l1_table(count) -> cs.Construct:
-    """L1 table: `count` big-endian u64 entries (also snapshot L1s)."""
+def u64_table(count) -> cs.Construct:
+    """`count` big-endian u64 entries: L1 tables (active and snapshot), the
+    refcount table and bitmap tables all share this layout; the masks above
+    say what each entry's bits mean."""
     return NumpyArray(count, TABLE_DTYPE)
 
 
 def l2_table(entries: int, extended: bool) -> cs.Construct:
+    """L2 entries: u64 descriptors, or (descriptor, subcluster bitmap) pairs."""
     return NumpyArray(entries, EXTENDED_L2_DTYPE if extended else TABLE_DTYPE)
-
-
-def refcount_table(count) -> cs.Construct:
-    return NumpyArray(count, TABLE_DTYPE)

@@ -40,7 +40,7 @@ def read_bitmap_table(image, entry: dict) -> np.ndarray:
     if not validate_table(image, off, n * 8, f"bitmap table of {entry['name']!r}",
                           align=image.cluster_size):
         return np.zeros(0, np.uint64)
-    t = image.source.read_array(off, n, S.TABLE_DTYPE, "bitmap table").astype(np.uint64)
+    t = S.u64_table(n).parse(image.source.read(off, n * 8, "bitmap table")).astype(np.uint64)
     bad = np.flatnonzero(t & np.uint64(S.BME_TABLE_RESERVED_MASK))
     if bad.size:
         image.note("error", "bitmap_table_reserved_bits",

@@ -68,7 +68,8 @@ def read_table(image, offset: int, count: int, structure: str, align: int) -> np
     nbytes = count * 8
     if not validate_table(image, offset, nbytes, structure, align=align):
         return None
-    return image.source.read_array(offset, count, S.TABLE_DTYPE, structure).astype(np.uint64)
+    data = image.source.read(offset, nbytes, structure)
+    return S.u64_table(count).parse(data).astype(np.uint64)
 
 
 def l2_offsets(image, geo: Geometry, l1: np.ndarray, l1_offset: int, structure: str) -> np.ndarray:
@@ -116,7 +117,8 @@ def read_l2_tables(image, geo: Geometry, offsets: np.ndarray) -> tuple[np.ndarra
         ends = np.concatenate([breaks, [uniq.size]])
         for a, b in zip(starts.tolist(), ends.tolist()):
             data = image.source.read(int(uniq[a]), (b - a) * cs, "L2 table")
-            out[a:b] = np.frombuffer(data, dtype=dtype).reshape(b - a, geo.l2_entries)
+            table = S.l2_table((b - a) * geo.l2_entries, geo.extended_l2).parse(data)
+            out[a:b] = table.reshape(b - a, geo.l2_entries)
     return uniq, out
 
 
