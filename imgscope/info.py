@@ -6,6 +6,24 @@ import os
 from .units import human_size
 
 
+def _qdict_bucket(key: str) -> int:
+    """QEMU's QDict bucket of a key (tdb_hash mod 512): its JSON key order."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, c in enumerate(key.encode()):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+def qemu_order(obj):
+    """Dicts reordered the way qemu-img iterates its QDicts, recursively, so
+    json.dumps(indent=4) prints the same text as `qemu-img info --output=json`."""
+    if isinstance(obj, dict):
+        return {k: qemu_order(obj[k]) for k in sorted(obj, key=_qdict_bucket)}
+    if isinstance(obj, list):
+        return [qemu_order(v) for v in obj]
+    return obj
+
+
 def _given_name(image) -> str:
     return getattr(image, "given_name", None) or str(image.path)
 
@@ -31,7 +49,7 @@ def image_info(image) -> dict:
     snaps = getattr(image, "snapshots", None)
     if snaps:
         out["snapshots"] = [snapshot_info(s) for s in snaps]
-    return out
+    return qemu_order(out)
 
 
 def full_backing_name(image) -> str:

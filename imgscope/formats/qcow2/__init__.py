@@ -144,15 +144,14 @@ class Qcow2Image(Image):
         if self.geometry.encrypted:
             return table
         from ...io.chain import mark_host_holes
-        from .refcounts import refcounts as _rc
+        from .refcounts import count_in_use
         cs = self.cluster_size
         real_clusters = self.source.allocated // cs
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = -(-self.source.size // cs)
         if end_cluster < threshold:
             return table
-        _, rc = _rc(self)
-        if int(np.count_nonzero(rc[:end_cluster])) < threshold:
+        if count_in_use(self, end_cluster, threshold) < threshold:
             return table
         self.metadata_preallocated = True
         return mark_host_holes(table, 1 if self.geometry.data_file else 0)

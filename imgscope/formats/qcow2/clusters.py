@@ -161,7 +161,6 @@ def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | 
     if allocated.size * cs > image.limits.max_metadata_bytes:
         raise LimitExceeded(f"{allocated.size} L2 tables exceed the metadata limit",
                             path=str(image.path), structure=structure)
-    uniq, tables = read_l2_tables(image, geo, l2off)
     pieces = []
     # whole L1 ranges without an L2 table (and past the end of a short L1)
     holes = np.setdiff1d(np.arange(needed), allocated)
@@ -174,6 +173,8 @@ def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | 
     per_chunk = max(1, CHUNK_UNITS // l2e)
     for c in range(0, allocated.size, per_chunk):
         idx = allocated[c:c + per_chunk]
+        # read this chunk's tables only: memory stays bounded by the chunk size
+        uniq, tables = read_l2_tables(image, geo, l2off[idx])
         rows = np.searchsorted(uniq, l2off[idx])
         entries = tables[rows].reshape(-1)
         pieces.append(_classify_chunk(image, geo, entries, idx, files))

@@ -69,3 +69,25 @@ def refcounts(image) -> tuple[np.ndarray, np.ndarray]:
         block = image.source.read(int(off[k]), cs, "refcount block")
         out[k * per_block:(k + 1) * per_block] = S.decode_refcounts(block, order)
     return reftable, out
+
+
+def count_in_use(image, end_cluster: int, stop_at: int) -> int:
+    """Clusters below `end_cluster` with a non-zero refcount, counted block by
+    block and stopping at `stop_at` (QEMU's metadata-preallocation test)."""
+    reftable = image._reftable()
+    order = image.header.values["refcount_order"]
+    if not reftable.size or order > 6:
+        return 0
+    cs = image.cluster_size
+    per_block = cs * 8 >> order
+    off = refblock_offsets(image, reftable)
+    count = 0
+    for k in np.flatnonzero(off).tolist():
+        first = k * per_block
+        if first >= end_cluster:
+            break
+        block = S.decode_refcounts(image.source.read(int(off[k]), cs, "refcount block"), order)
+        count += int(np.count_nonzero(block[:end_cluster - first]))
+        if count >= stop_at:
+            break
+    return count
