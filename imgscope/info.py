@@ -44,6 +44,7 @@ def image_info(image) -> dict:
     if image.backing_name:
         out["backing-filename"] = image.backing_name
         out["full-backing-filename"] = full_backing_name(image)
+        # only a format the image itself names (qemu-img info does not open parents)
         if image.backing_format:
             out["backing-filename-format"] = image.backing_format
     snaps = getattr(image, "snapshots", None)
@@ -60,9 +61,9 @@ def full_backing_name(image) -> str:
 
 
 def actual_size(image) -> int:
-    """Host bytes allocated to the image's own files (st_blocks)."""
+    """Host bytes allocated to the image's own files (st_blocks), as qemu counts them."""
     total = 0
-    for src in image.files()[:1]:
+    for src in image.files()[:image.actual_size_files]:
         try:
             total += os.stat(src.path).st_blocks * 512
         except OSError:

@@ -232,6 +232,7 @@ class Image:
         return image_info(self)
 
     dirty = False   # qemu-img info's dirty-flag
+    actual_size_files = 1   # how many of files() qemu-img counts in actual-size
 
     def format_specific(self) -> dict | None:
         return None
