@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import LimitExceeded
 from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
                       KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HIDDEN_OFFSET)
 from ...schemas import qcow2 as S
 from ..base import coalesce, validate_table
-from .. import base as _base
+from ..twolevel import read_tables, run_starts, two_level_map, units_at
 
 FINDINGS_PER_CODE = 20
-CHUNK_UNITS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -98,28 +96,23 @@ def l2_offsets(image, geo: Geometry, l1: np.ndarray, l1_offset: int, structure: 
     return off
 
 
+def parse_l2_tables(geo: Geometry):
+    """Schema-driven decoder of n contiguous L2 tables -> (n, l2_entries) native array."""
+    def parse(data: bytes, n: int) -> np.ndarray:
+        t = S.l2_table(n * geo.l2_entries, geo.extended_l2).parse(data)
+        if geo.extended_l2:
+            native = np.empty(t.size, [("entry", np.uint64), ("bitmap", np.uint64)])
+            native["entry"], native["bitmap"] = t["entry"], t["bitmap"]
+            t = native
+        else:
+            t = t.astype(np.uint64)
+        return t.reshape(n, geo.l2_entries)
+    return parse
+
+
 def read_l2_tables(image, geo: Geometry, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique L2 offsets (sorted) and their tables stacked as (n, l2_entries) entries."""
-    uniq = np.unique(offsets[offsets != 0])
-    cs = geo.cluster_size
-    budget = image.limits.max_metadata_bytes
-    if uniq.size * cs > budget:
-        raise LimitExceeded(f"{uniq.size} L2 tables exceed the metadata limit of {budget} bytes",
-                            path=str(image.path), structure="L2 tables")
-    dtype = S.EXTENDED_L2_DTYPE if geo.extended_l2 else S.TABLE_DTYPE
-    native = dtype.newbyteorder("=") if not geo.extended_l2 else np.dtype(
-        [("entry", np.uint64), ("bitmap", np.uint64)])
-    out = np.empty((uniq.size, geo.l2_entries), dtype=native)
-    # contiguous tables are read with one pread
-    if uniq.size:
-        breaks = np.flatnonzero(np.diff(uniq) != cs) + 1
-        starts = np.concatenate([[0], breaks])
-        ends = np.concatenate([breaks, [uniq.size]])
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            data = image.source.read(int(uniq[a]), (b - a) * cs, "L2 table")
-            table = S.l2_table((b - a) * geo.l2_entries, geo.extended_l2).parse(data)
-            out[a:b] = table.reshape(b - a, geo.l2_entries)
-    return uniq, out
+    return read_tables(image, offsets, geo.cluster_size, parse_l2_tables(geo), "L2 table")
 
 
 def classify_standard(geo: Geometry, e: np.ndarray):
@@ -148,83 +141,34 @@ def classify_standard(geo: Geometry, e: np.ndarray):
 
 def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | None = None,
            structure: str = "L1 table", files: list | None = None) -> ExtentTable:
-    """This layer's guest map described by one L1 table."""
-    cs, l2e = geo.cluster_size, geo.l2_entries
+    """This layer's guest map described by one L1 table (active or a snapshot's)."""
     size = geo.size if size is None else size
     files = files if files is not None else image.files()
-    unit_bits = geo.cluster_bits
-    span = cs * l2e
-    needed = -(-size // span)
-    l1 = l1[:needed]
-    l2off = l2_offsets(image, geo, l1, l1_offset, structure)
-    allocated = np.flatnonzero(l2off != 0)
-    if allocated.size * cs > image.limits.max_metadata_bytes:
-        raise LimitExceeded(f"{allocated.size} L2 tables exceed the metadata limit",
-                            path=str(image.path), structure=structure)
-    pieces = []
-    # whole L1 ranges without an L2 table (and past the end of a short L1)
-    holes = np.setdiff1d(np.arange(needed), allocated)
-    if holes.size:
-        g = holes.astype(np.uint64) * np.uint64(span)
-        n = holes.size
-        pieces.append(coalesce(g, np.full(n, span, np.uint64), np.full(n, KIND_UNALLOCATED, np.uint8),
-                               np.full(n, NO_HOST, np.uint64), np.zeros(n, np.uint64),
-                               np.full(n, -1, np.int16), files))
-    per_chunk = max(1, CHUNK_UNITS // l2e)
-    for c in range(0, allocated.size, per_chunk):
-        idx = allocated[c:c + per_chunk]
-        # read this chunk's tables only: memory stays bounded by the chunk size
-        uniq, tables = read_l2_tables(image, geo, l2off[idx])
-        rows = np.searchsorted(uniq, l2off[idx])
-        entries = tables[rows].reshape(-1)
-        pieces.append(_classify_chunk(image, geo, entries, idx, files))
-    if not pieces:
-        return ExtentTable.empty(files)
-    from ...io.chain import concat
-    t = concat(pieces, files)
-    t = coalesce(t.guest, t.length, t.kind, t.host, t.host_length, t.file, files,
-                 codec=geo.codec, cluster_size=cs, flags=t.flags)
-    # clip to the virtual size
-    keep = t.guest < np.uint64(size)
-    t = t.take(keep)
-    if len(t):
-        end = t.guest + t.length
-        over = end > np.uint64(size)
-        t.length[over] = np.uint64(size) - t.guest[over]
-    return t
+    l1 = l1[:-(-size // (geo.cluster_size * geo.l2_entries))]
+    directory = l2_offsets(image, geo, l1, l1_offset, structure)
+    return two_level_map(image, directory=directory, per_table=geo.l2_entries,
+                         unit_bytes=geo.cluster_size, size=size, table_bytes=geo.cluster_size,
+                         parse_tables=parse_l2_tables(geo),
+                         classify=lambda e, first: _classify_chunk(image, geo, e, first, files),
+                         files=files, codec=geo.codec, cluster_size=geo.cluster_size,
+                         structure="L2 table")
 
 
-def _guest_of(geo: Geometry, idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Guest offset of entry `pos` of a chunk made of the L2 tables of L1 entries `idx`."""
-    l2e = geo.l2_entries
-    return ((idx[pos // l2e].astype(np.uint64) * np.uint64(l2e) + (pos % l2e).astype(np.uint64))
-            << np.uint64(geo.cluster_bits))
-
-
-def _classify_chunk(image, geo: Geometry, entries, idx, files) -> ExtentTable:
-    """Runs of one chunk of L2 entries.
-
-    Standard entries: a run goes on while the next entry is the same (no host)
-    or the same plus one cluster (contiguous host, same flags), so only run
-    starts are classified: a metadata-preallocated TiB is a handful of runs.
-    """
+def _classify_chunk(image, geo: Geometry, entries, first_units, files) -> ExtentTable:
+    """Runs of one chunk of L2 entries; standard entries are classified at run starts only."""
     cs = geo.cluster_size
     data_file_idx = 1 if geo.data_file else 0
     if not geo.extended_l2:
         e = entries
-        step = e[1:] - e[:-1]
         off = e & np.uint64(S.L2E_OFFSET_MASK)
         compressed = (e & np.uint64(S.OFLAG_COMPRESSED)) != 0
-        hosted = (off != 0) & ~compressed
-        same = np.where(hosted[:-1], step == np.uint64(cs), step == 0) & ~compressed[1:]
-        same[geo.l2_entries - 1::geo.l2_entries] = False   # table boundaries
-        starts = np.flatnonzero(np.concatenate([[True], ~same]))
+        starts = run_starts(e, (off != 0) & ~compressed, cs, compressed, geo.l2_entries)
         counts = np.diff(np.append(starts, e.size)).astype(np.uint64)
         kind, host, hlen = classify_standard(geo, e[starts])
         length = counts * np.uint64(cs)
-        guest = _guest_of(geo, idx, starts)
+        guest = units_at(first_units, starts, geo.l2_entries) << np.uint64(geo.cluster_bits)
     else:
-        guest = _guest_of(geo, idx, np.arange(entries.size))
+        guest = units_at(first_units, np.arange(entries.size), geo.l2_entries) << np.uint64(geo.cluster_bits)
         kind, host, hlen, guest, length = _classify_extended(image, geo, entries, guest)
     file = np.where(host == NO_HOST, -1,
                     np.where(kind == KIND_COMPRESSED, 0, data_file_idx)).astype(np.int16)
