@@ -31,7 +31,7 @@ FINDINGS_COLUMNS = ["severity", "code", "structure", "index", "file", "host_offs
 REGION_KINDS = ("header", "l1_table", "l2_table", "refcount_table", "refcount_block",
                 "snapshot_table", "bitmap_directory", "bitmap_table", "bitmap_data",
                 "crypto_header", "grain_directory", "grain_table", "block_map", "bat",
-                "footer", "descriptor", "metadata", "log", "data", "compressed_data", "slack",
+                "footer", "descriptor", "metadata", "log", "marker", "data", "compressed_data", "slack",
                 "unreferenced", "overlap", "beyond_eof")
 
 

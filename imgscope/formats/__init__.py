@@ -15,6 +15,7 @@ from .probe import Candidate, probe_bytes
 DRIVERS = {
     "raw": "imgscope.formats.raw:RawImage",
     "qcow2": "imgscope.formats.qcow2:Qcow2Image",
+    "vmdk": "imgscope.formats.vmdk:VmdkImage",
 }
 ALIASES = {"vhd": "vpc", "qcow1": "qcow", "lvm": "lvm2", "file": "raw"}
 KNOWN_FORMATS = ("raw", "qcow2", "qcow", "cow", "vmdk", "vdi", "vpc", "vhdx",

@@ -6,20 +6,22 @@ import numpy as np
 
 from ..schemas._types import field_layout
 
-from ..model import ExtentTable, KIND_COMPRESSED, NO_HOST
+from ..model import ExtentTable, KIND_COMPRESSED, KIND_UNALLOCATED, NO_HOST
 
 
 def validate_table(image, offset: int, nbytes: int, structure: str, *,
                    align: int = 1, index: int | None = None,
-                   limit: int | None = None, severity: str = "error") -> bool:
+                   limit: int | None = None, severity: str = "error", source=None) -> bool:
     """True when a table lies aligned, inside the file and within limits.
 
     Otherwise a finding is recorded (or, in strict mode, raised) and the
     caller must not read it: this is the one gate before every table read.
     """
-    size = image.source.size
+    source = source or image.source
+    size = source.size
     limit = image.limits.max_table_bytes if limit is None else limit
-    where = dict(structure=structure, index=index, host_offset=offset, size=nbytes)
+    where = dict(structure=structure, index=index, host_offset=offset, size=nbytes,
+                 file=str(source.path))
     if nbytes > limit:
         image.note(severity, "table_too_large",
                    f"{structure} of {nbytes} bytes exceeds the limit of {limit} bytes", **where)
@@ -82,3 +84,17 @@ def parse_records(image, struct, area: bytes, base: int, count: int, *, name: st
         size = sum(r.size for r in rows)
         yield i, rows, pos, size
         pos += size
+
+
+def extent_regions(table: ExtentTable, owner: str) -> list:
+    """Host ranges holding guest data in one layer's extent table, as region tuples."""
+    out = []
+    hosted = (table.host != NO_HOST) & (table.kind != KIND_COMPRESSED) & (table.kind != KIND_UNALLOCATED)
+    for fi in np.unique(table.file[hosted]).tolist():
+        sel = hosted & (table.file == fi)
+        out.append((fi, table.host[sel], table.length[sel], "data", owner))
+    comp = table.kind == KIND_COMPRESSED
+    for fi in np.unique(table.file[comp]).tolist():
+        sel = comp & (table.file == fi)
+        out.append((fi, table.host[sel], table.host_length[sel], "compressed_data", owner))
+    return out

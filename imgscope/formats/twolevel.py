@@ -21,7 +21,7 @@ CHUNK_UNITS = 1 << 21
 
 
 def read_tables(image, offsets: np.ndarray, table_bytes: int, parse: Callable[[bytes, int], np.ndarray],
-                structure: str) -> tuple[np.ndarray, np.ndarray]:
+                structure: str, source=None) -> tuple[np.ndarray, np.ndarray]:
     """Unique table offsets (sorted) and their parsed tables stacked (n, entries).
 
     `parse(data, n_tables)` decodes n contiguous tables with the format's schema.
@@ -38,7 +38,7 @@ def read_tables(image, offsets: np.ndarray, table_bytes: int, parse: Callable[[b
         starts = np.concatenate([[0], breaks]).tolist()
         ends = np.concatenate([breaks, [uniq.size]]).tolist()
         for a, b in zip(starts, ends):
-            data = image.source.read(int(uniq[a]), (b - a) * table_bytes, structure)
+            data = (source or image.source).read(int(uniq[a]), (b - a) * table_bytes, structure)
             parts.append(parse(data, b - a))
     tables = np.concatenate(parts) if parts else np.zeros((0, 0))
     return uniq, tables
@@ -69,9 +69,10 @@ def two_level_map(image, *, directory: np.ndarray, per_table: int, unit_bytes: i
                   table_bytes: int, parse_tables: Callable[[bytes, int], np.ndarray],
                   classify: Callable[[np.ndarray, np.ndarray], ExtentTable], files: list,
                   codec: str = "none", cluster_size: int = 0,
-                  structure: str = "table") -> ExtentTable:
+                  structure: str = "table", source=None) -> ExtentTable:
     """Guest map of one layer from a directory of table byte offsets (0 = none).
 
+    Tables are read from `source` (default: the image's own file).
     `classify(entries, first_units)` receives a chunk of entries (its tables
     flattened) and the guest unit number of each table's first entry
     (see units_at), and returns that chunk's runs.
@@ -93,7 +94,8 @@ def two_level_map(image, *, directory: np.ndarray, per_table: int, unit_bytes: i
     per_chunk = max(1, CHUNK_UNITS // per_table)
     for c in range(0, allocated.size, per_chunk):
         idx = allocated[c:c + per_chunk]
-        uniq, tables = read_tables(image, directory[idx], table_bytes, parse_tables, structure)
+        uniq, tables = read_tables(image, directory[idx], table_bytes, parse_tables, structure,
+                                   source)
         entries = tables[np.searchsorted(uniq, directory[idx])].reshape(-1)
         pieces.append(classify(entries, idx.astype(np.uint64) * np.uint64(per_table)))
     if not pieces:

@@ -85,6 +85,23 @@ class Source:
         dt = np.dtype(dtype)
         return np.frombuffer(self.read(offset, count * dt.itemsize, structure), dtype=dt)
 
+    def gather(self, offsets: np.ndarray, width: int) -> np.ndarray:
+        """`width` bytes at each offset as an (n, width) uint8 array, in one pass.
+
+        Uses a read-only memory map, so only the touched pages are read; bytes
+        past the end of the file read as zeros (callers check ranges first).
+        """
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        out = np.zeros((offsets.size, width), np.uint8)
+        if not offsets.size or self.size == 0:
+            return out
+        view = np.memmap(self.path, dtype=np.uint8, mode="r")
+        idx = offsets[:, None] + np.arange(width, dtype=np.uint64)[None, :]
+        inside = idx < np.uint64(self.size)
+        out[inside] = view[idx[inside]]
+        del view
+        return out
+
     def data_runs(self) -> list[tuple[int, int]]:
         """(offset, length) of the non-hole parts of a sparse file."""
         if SEEK_DATA is None:

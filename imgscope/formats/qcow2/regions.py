@@ -6,19 +6,7 @@ import numpy as np
 from ...model import KIND_DATA, KIND_ZERO, KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST
 from ...schemas import qcow2 as S
 from .refcounts import refblock_offsets
-
-
-def _runs_regions(table, owner: str) -> list:
-    """data and compressed host ranges of one layer's own extent table."""
-    out = []
-    hosted = (table.host != NO_HOST) & (table.kind != KIND_COMPRESSED)
-    for fi in np.unique(table.file[hosted]).tolist():
-        sel = hosted & (table.file == fi)
-        out.append((fi, table.host[sel], table.length[sel], "data", owner))
-    comp = table.kind == KIND_COMPRESSED
-    if comp.any():
-        out.append((0, table.host[comp], table.host_length[comp], "compressed_data", owner))
-    return out
+from ..base import extent_regions
 
 
 def _l2_regions(image, l1: np.ndarray, owner: str) -> list:
@@ -46,7 +34,7 @@ def host_regions(image) -> list:
     regs.append((0, v["l1_table_offset"], v["l1_size"] * 8, "l1_table", "active L1"))
     l1 = image.l1()
     regs += _l2_regions(image, l1, "active L2")
-    regs += _runs_regions(image._own_extents(), "guest data")
+    regs += extent_regions(image._own_extents(), "guest data")
     regs.append((0, v["refcount_table_offset"], v["refcount_table_clusters"] * cs,
                  "refcount_table", "refcount table"))
     reft = image._reftable()
@@ -63,7 +51,7 @@ def host_regions(image) -> list:
             regs.append((0, snap["l1_table_offset"], snap["l1_size"] * 8, "l1_table", owner + " L1"))
             sl1 = image.snapshot_l1(snap)
             regs += _l2_regions(image, sl1, owner + " L2")
-            regs += _runs_regions(image.snapshot(snap["id_str"])._own_extents(), "guest data")
+            regs += extent_regions(image.snapshot(snap["id_str"])._own_extents(), "guest data")
     if image.header.bitmaps_ext and image.bitmaps is not None:
         ext = image.header.bitmaps_ext
         regs.append((0, ext["bitmap_directory_offset"], ext["bitmap_directory_size"],
