@@ -16,7 +16,7 @@ class Limits:
     max_metadata_bytes: int = 4 << 30     # all L2/grain tables of one image
     max_extents: int = 1 << 25            # merged runs in a guest map
     max_chain_depth: int = 64             # backing files
-    max_snapshots: int = 65536
+    max_snapshots: int = 4096            # QEMU allows 65536; real images have a few
     max_header_bytes: int = 2 << 20       # cluster 0 / header area
 
 

@@ -30,6 +30,7 @@ CODECS = ("none", "zlib", "zstd", "deflate")
 NO_HOST = np.uint64(0xFFFFFFFFFFFFFFFF)   # host_offset sentinel: no host location
 
 SEVERITIES = ("info", "warning", "error", "critical")
+FINDINGS_PER_CODE = 100   # a hostile file cannot flood memory with findings
 
 
 @dataclass
@@ -146,6 +147,8 @@ class Image:
         self.backing_name: str | None = None     # as written in the image
         self.backing_format: str | None = None
         self._findings: list[Finding] = []
+        self._finding_keys: set = set()
+        self._finding_counts: dict[str, int] = {}
         self._field_rows: list = []
         self._tables: dict[str, Any] = {}
         self._extents_cache: ExtentTable | None = None
@@ -160,7 +163,21 @@ class Image:
         if self.strict and raise_in_strict and severity in ("error", "critical"):
             raise ParseError(message, path=f.file, offset=f.host_offset,
                              structure=f.structure or code)
-        self._findings.append(f)
+        key = (code, f.structure, f.index, f.host_offset, f.file)
+        if key in self._finding_keys:        # the same place found again by another consumer
+            return
+        self._finding_keys.add(key)
+        count = self._finding_counts.get(code, 0) + 1
+        self._finding_counts[code] = count
+        if count <= FINDINGS_PER_CODE:
+            self._findings.append(f)
+
+    def _all_findings(self) -> list[Finding]:
+        """Findings plus one summary per code that hit the per-code cap."""
+        extra = [Finding("info", code, f"{n - FINDINGS_PER_CODE} more findings with code "
+                         f"{code} not listed", file=str(self.path))
+                 for code, n in self._finding_counts.items() if n > FINDINGS_PER_CODE]
+        return self._findings + extra
 
     # ---- the model's members ----------------------------------------------------------
     @property
@@ -185,7 +202,7 @@ class Image:
     @property
     def findings(self):
         from .frames import findings_frame
-        return findings_frame(self._findings)
+        return findings_frame(self._all_findings())
 
     def files(self) -> list[Source]:
         """Host files of this layer (image file first, then data files/extents)."""

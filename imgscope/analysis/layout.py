@@ -13,6 +13,8 @@ import numpy as np
 
 from ..frames import regions_frame, REGION_KINDS
 
+_MAX = (1 << 64) - 1
+
 
 def tile_regions(structures: list, sources: list):
     """structures: (file_index, offset, length, kind, owner) tuples or array dicts."""
@@ -35,13 +37,16 @@ def _tile_one(items: list, file_size: int):
     starts, ends, kinds, owners = [], [], [], []
     for _, off, length, kind, owner in items:
         if isinstance(off, np.ndarray):
-            starts.append(off.astype(np.uint64))
-            ends.append((off + length).astype(np.uint64))
+            off = off.astype(np.uint64)
+            starts.append(off)
+            # clip at 2^64 - 1: a hostile offset must not wrap around
+            ends.append(off + np.minimum(np.asarray(length, np.uint64), np.uint64(_MAX) - off))
             kinds.append(np.full(off.size, kinds_ix[kind], np.int64))
             owners.append(np.full(off.size, owner, dtype=object))
         else:
+            off = min(int(off), _MAX)
             starts.append(np.array([off], np.uint64))
-            ends.append(np.array([off + length], np.uint64))
+            ends.append(np.array([min(off + int(length), _MAX)], np.uint64))
             kinds.append(np.array([kinds_ix[kind]], np.int64))
             owners.append(np.array([owner], dtype=object))
     if starts:

@@ -40,7 +40,7 @@ def read_tables(image, offsets: np.ndarray, table_bytes: int, parse: Callable[[b
         for a, b in zip(starts, ends):
             data = (source or image.source).read(int(uniq[a]), (b - a) * table_bytes, structure)
             parts.append(parse(data, b - a))
-    tables = np.concatenate(parts) if parts else np.zeros((0, 0))
+    tables = np.concatenate(parts) if parts else parse(b"", 0)
     return uniq, tables
 
 
@@ -73,11 +73,13 @@ def two_level_map(image, *, directory: np.ndarray, per_table: int, unit_bytes: i
     """Guest map of one layer from a directory of table byte offsets (0 = none).
 
     Tables are read from `source` (default: the image's own file).
-    `classify(entries, first_units)` receives a chunk of entries (its tables
-    flattened) and the guest unit number of each table's first entry
-    (see units_at), and returns that chunk's runs.
+    `classify(entries, first_units, table_offsets)` receives a chunk of
+    entries (its tables flattened), the guest unit number of each table's
+    first entry (see units_at) and each table's host offset (to name the
+    place of a bad entry), and returns that chunk's runs.
     """
     span = unit_bytes * per_table
+    size = min(size, (1 << 63) - 1)
     needed = -(-size // span)
     directory = directory[:needed]
     allocated = np.flatnonzero(directory != 0)
@@ -85,19 +87,26 @@ def two_level_map(image, *, directory: np.ndarray, per_table: int, unit_bytes: i
         raise LimitExceeded(f"{allocated.size} {structure}s exceed the metadata limit",
                             path=str(image.path), structure=structure)
     pieces = []
-    holes = np.setdiff1d(np.arange(needed), allocated)
-    if holes.size:
-        n = holes.size
-        pieces.append(coalesce(holes.astype(np.uint64) * np.uint64(span), np.full(n, span, np.uint64),
-                               np.full(n, KIND_UNALLOCATED, np.uint8), np.full(n, NO_HOST, np.uint64),
-                               np.zeros(n, np.uint64), np.full(n, -1, np.int16), files))
+    # directory entries without a table: one unallocated run per gap between
+    # allocated entries (never an array as long as the disk: sizes may be 2^63)
+    gap_start = np.concatenate([[0], allocated + 1]).astype(np.uint64)
+    gap_end = np.concatenate([allocated, [needed]]).astype(np.uint64)
+    gaps = gap_end > gap_start
+    if gaps.any():
+        g0, g1 = gap_start[gaps], gap_end[gaps]
+        n = g0.size
+        pieces.append(ExtentTable(g0 * np.uint64(span), (g1 - g0) * np.uint64(span),
+                                  np.full(n, KIND_UNALLOCATED, np.uint8), np.full(n, NO_HOST, np.uint64),
+                                  np.zeros(n, np.uint64), np.full(n, -1, np.int16),
+                                  np.zeros(n, np.int16), files))
     per_chunk = max(1, CHUNK_UNITS // per_table)
     for c in range(0, allocated.size, per_chunk):
         idx = allocated[c:c + per_chunk]
         uniq, tables = read_tables(image, directory[idx], table_bytes, parse_tables, structure,
                                    source)
         entries = tables[np.searchsorted(uniq, directory[idx])].reshape(-1)
-        pieces.append(classify(entries, idx.astype(np.uint64) * np.uint64(per_table)))
+        pieces.append(classify(entries, idx.astype(np.uint64) * np.uint64(per_table),
+                               directory[idx]))
     if not pieces:
         return ExtentTable.empty(files)
     from ..io.chain import concat

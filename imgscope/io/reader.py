@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..errors import Unsupported
+from ..errors import ImageError, Unsupported
 from ..model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
                      KIND_COMPRESSED, KIND_ENCRYPTED)
 from .codecs import decompress
@@ -90,6 +90,9 @@ class GuestReader(io.RawIOBase):
             stop = min(end, run_end)
             dst = out[pos - offset:stop - offset]
             kind = int(t.kind[i])
+            if kind in (KIND_DATA, KIND_COMPRESSED) and int(t.file[i]) < 0:
+                raise ImageError("guest data lives in a file that could not be opened",
+                                 offset=pos, structure="guest data")
             if kind == KIND_DATA:
                 src = t.files[int(t.file[i])]
                 host = int(t.host[i]) + (pos - run_start)

@@ -7,6 +7,7 @@ naming the structure and offset that was wanted.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,21 @@ class Source:
         self.path = Path(path)
         self.given_name: str | None = None   # how the user / parent image named it
         self.named_as: str | None = None     # the name as written inside a parent image
+        self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO named by a hostile image must not block the open
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(self._fd)
         except OSError as exc:
+            self.close()
             raise ImageError(f"cannot open: {exc.strerror}", path=str(path)) from None
-        st = os.fstat(self._fd)
-        self.size = st.st_size
+        if stat.S_ISREG(st.st_mode):
+            self.size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):       # a disk device, read like a raw image
+            self.size = os.lseek(self._fd, 0, os.SEEK_END)
+        else:
+            self.close()
+            raise ImageError("not a regular file or block device", path=str(path))
         self.allocated = st.st_blocks * 512
 
     def close(self) -> None:

@@ -149,17 +149,60 @@ def map_l1(image, geo: Geometry, l1: np.ndarray, l1_offset: int, *, size: int | 
     return two_level_map(image, directory=directory, per_table=geo.l2_entries,
                          unit_bytes=geo.cluster_size, size=size, table_bytes=geo.cluster_size,
                          parse_tables=parse_l2_tables(geo),
-                         classify=lambda e, first: _classify_chunk(image, geo, e, first, files),
+                         classify=lambda e, first, tables: _classify_chunk(image, geo, e, first,
+                                                                           tables, files),
                          files=files, codec=geo.codec, cluster_size=geo.cluster_size,
                          structure="L2 table")
 
 
-def _classify_chunk(image, geo: Geometry, entries, first_units, files) -> ExtentTable:
+def _check_entries(image, geo: Geometry, e, first_units, tables, structure: str) -> None:
+    """Reserved bits and misaligned data offsets, on the whole chunk (vectorised).
+
+    Findings name the L2 entry's own offset in the file."""
+    compressed = (e & np.uint64(S.OFLAG_COMPRESSED)) != 0
+    off = e & np.uint64(S.L2E_OFFSET_MASK)
+    l2e = geo.l2_entries
+    for code, bad, what in (
+            ("l2_reserved_bits", ~compressed & ((e & np.uint64(S.L2E_STD_RESERVED_MASK)) != 0),
+             lambda i: f"has reserved bits set: {int(e[i]):#x}"),
+            ("data_cluster_misaligned", ~compressed & (off % np.uint64(geo.cluster_size) != 0),
+             lambda i: f"points at {int(off[i]):#x}, not cluster aligned")):
+        pos = np.flatnonzero(bad)
+        if not pos.size:
+            continue
+        guest = units_at(first_units, pos, l2e) << np.uint64(geo.cluster_bits)
+        where = tables[pos // l2e] + (pos % l2e).astype(np.uint64) * np.uint64(8)
+        note_bad_entries(image, np.arange(pos.size), code,
+                         lambda k: f"L2 entry for guest {int(guest[k]):#x} {what(pos[k])}",
+                         structure, where)
+
+
+def _check_beyond_eof(image, geo: Geometry, t: ExtentTable) -> None:
+    """Clusters that start at or after the end of their host file (QEMU's rule)."""
+    hosted = (t.host != NO_HOST) & (t.file >= 0)
+    if not hosted.any():
+        return
+    sizes = np.array([s.size for s in t.files], np.uint64)
+    end = sizes[np.maximum(t.file, 0)]
+    last = t.host + t.length - np.minimum(t.length, np.uint64(geo.cluster_size))
+    bad = np.flatnonzero(hosted & (np.where(t.kind == KIND_COMPRESSED,
+                                            t.host + t.host_length > end + np.uint64(geo.cluster_size) - np.uint64(1),
+                                            last >= end)))
+    if bad.size:
+        note_bad_entries(image, bad, "cluster_beyond_eof",
+                         lambda k: f"guest {int(t.guest[k]):#x} maps to host {int(t.host[k]):#x} "
+                         f"(+{int(t.length[k] if t.kind[k] != KIND_COMPRESSED else t.host_length[k])}),"
+                         " beyond the end of the file", "L2 table", t.host)
+
+
+def _classify_chunk(image, geo: Geometry, entries, first_units, tables, files) -> ExtentTable:
     """Runs of one chunk of L2 entries; standard entries are classified at run starts only."""
     cs = geo.cluster_size
-    data_file_idx = 1 if geo.data_file else 0
+    # a data file that could not be opened leaves its runs without a file (unreadable)
+    data_file_idx = (1 if len(files) > 1 else -1) if geo.data_file else 0
     if not geo.extended_l2:
         e = entries
+        _check_entries(image, geo, e, first_units, tables, "L2 table")
         off = e & np.uint64(S.L2E_OFFSET_MASK)
         compressed = (e & np.uint64(S.OFLAG_COMPRESSED)) != 0
         starts = run_starts(e, (off != 0) & ~compressed, cs, compressed, geo.l2_entries)
@@ -173,8 +216,10 @@ def _classify_chunk(image, geo: Geometry, entries, first_units, files) -> Extent
     file = np.where(host == NO_HOST, -1,
                     np.where(kind == KIND_COMPRESSED, 0, data_file_idx)).astype(np.int16)
     flags = np.full(kind.size, FLAG_HIDDEN_OFFSET if geo.encrypted else 0, np.uint8)
-    return coalesce(guest, length, kind, host, hlen, file, files, codec=geo.codec,
-                    cluster_size=cs, flags=flags)
+    t = coalesce(guest, length, kind, host, hlen, file, files, codec=geo.codec,
+                 cluster_size=cs, flags=flags)
+    _check_beyond_eof(image, geo, t)
+    return t
 
 
 def _classify_extended(image, geo: Geometry, entries, guest):

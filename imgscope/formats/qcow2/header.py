@@ -174,9 +174,10 @@ def parse_extensions(image, hdr: Header, cluster_size: int) -> None:
         i += 1
     if v["backing_file_offset"]:
         bo, bs = v["backing_file_offset"], v["backing_file_size"]
-        raw = src.read_upto(bo, min(bs, 1023))
+        raw = src.read(bo, min(bs, 1023), "backing file name")
         name = raw.decode("utf-8", "surrogateescape")
-        hdr.backing_file = name
+        # a name the header itself makes invalid is shown but never followed
+        hdr.backing_file = None if bo > cluster_size or bs > min(1023, cluster_size - bo) else name
         hdr.rows.append(FieldRow("backing file name", "backing_file", bo, len(raw), raw, name,
                                  name, "backing file name (relative to the image's folder)"))
 

@@ -34,7 +34,8 @@ def format_specific(img) -> dict:
                                           if b["flags"] >> bit & 1],
                                 "name": b["name"], "granularity": b["granularity"]}
                                for b in img.bitmaps]
-    data["refcount-bits"] = 1 << v["refcount_order"]
+    if v["refcount_order"] <= 6:
+        data["refcount-bits"] = 1 << v["refcount_order"]
     if v["version"] >= 3:
         if v["incompatible_features"] & S.INCOMPAT_DATA_FILE:
             if img.data_file_name is not None:

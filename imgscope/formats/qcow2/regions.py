@@ -46,7 +46,11 @@ def host_regions(image) -> list:
     if image.snapshots:
         regs.append((0, v["snapshots_offset"], getattr(image, "_snapshot_table_bytes", 0),
                      "snapshot_table", "snapshot table"))
+        seen_l1 = set()
         for snap in image.snapshots:
+            if not snap["l1_size"] or snap["l1_table_offset"] in seen_l1:
+                continue     # nothing of its own, or the same table as another snapshot
+            seen_l1.add(snap["l1_table_offset"])
             owner = f"snapshot {snap['name']}"
             regs.append((0, snap["l1_table_offset"], snap["l1_size"] * 8, "l1_table", owner + " L1"))
             sl1 = image.snapshot_l1(snap)

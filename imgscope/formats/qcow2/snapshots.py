@@ -12,9 +12,15 @@ def parse_snapshots(image) -> list[dict]:
     if n == 0:
         return []
     if n > S.MAX_SNAPSHOTS:
+        # QEMU refuses such an image: the count itself is corrupt, so nothing is parsed
         image.note("error", "too_many_snapshots", f"{n} snapshots exceed the limit of 65536",
                    structure="header.nb_snapshots", host_offset=60)
-        n = S.MAX_SNAPSHOTS
+        return []
+    if n > image.limits.max_snapshots:
+        image.note("warning", "snapshot_limit",
+                   f"only the first {image.limits.max_snapshots} of {n} snapshots are parsed "
+                   "(raise Limits.max_snapshots to see more)", structure="snapshot table")
+        n = image.limits.max_snapshots
     if off % image.cluster_size or off >= image.source.size:
         image.note("error", "snapshot_table_invalid",
                    f"snapshot table offset {off:#x} is misaligned or outside the file",

@@ -229,7 +229,7 @@ class SparseExtent(GrainExtent):
 
     def table(self, files) -> ExtentTable:
         directory = self.validated_directory(self.gd * np.uint64(SECTOR), f"{self.label} grain directory")
-        return self.walk(files, directory, self.parse_gts, lambda e, first: self.classify(files, e, first))
+        return self.walk(files, directory, self.parse_gts, lambda e, first, _tables: self.classify(files, e, first))
 
     def classify(self, files, e: np.ndarray, first_units: np.ndarray) -> ExtentTable:
         zero_flag = bool(self.flags & V.FLAG_ZERO_GRAIN)
@@ -322,7 +322,7 @@ class CowdExtent(GrainExtent):
     def table(self, files):
         directory = self.validated_directory(self.gd * np.uint64(SECTOR), f"{self.label} grain directory")
 
-        def classify(e, first):
+        def classify(e, first, _tables):
             def at_starts(starts):
                 s = e[starts]
                 kind = np.where(s == 0, KIND_UNALLOCATED, KIND_DATA).astype(np.uint8)
@@ -384,7 +384,7 @@ class SeSparseExtent(GrainExtent):
         directory = self.validated_directory(directory, f"{self.label} grain directory")
         grains = np.uint64(h["grains_offset"])
 
-        def classify(e, first):
+        def classify(e, first, _tables):
             kinds, cluster = V.decode_sesparse_gt(e)
             hosted = kinds == 3
 
