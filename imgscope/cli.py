@@ -66,7 +66,8 @@ def cmd_map(args) -> int:
     from .map import map_entries, map_json_fast, map_human, map_table
     img = _open(args)
     if args.output == "json":
-        print(map_json_fast(map_table(img, args.start_offset, args.max_length)))
+        sys.stdout.flush()
+        sys.stdout.buffer.write(map_json_fast(map_table(img, args.start_offset, args.max_length)) + b"\n")
     else:
         print(map_human(map_entries(img, args.start_offset, args.max_length)))
     return 0

@@ -50,30 +50,23 @@ def map_json(entries: list[dict]) -> str:
     return "[" + ",\n".join(json_entry(e) for e in entries) + "]"
 
 
-def map_json_fast(table) -> str:
-    """map_json straight from the arrays: no dict per entry (10^5+ extents).
-
-    One %-format over a joined template runs the per-entry work in C.
-    """
-    import itertools
+def map_json_fast(table) -> bytes:
+    """map_json (as UTF-8 bytes) straight from the arrays, assembled by numpy."""
+    from .textvec import Lines
     present, zero, data, has_offset = map_flags(table)
     n = len(table)
     if n == 0:
-        return "[]"
-    tf = lambda v: "true" if v else "false"
-    templates = []
-    for code in range(16):
-        p, z, d, o = code >> 3 & 1, code >> 2 & 1, code >> 1 & 1, code & 1
-        t = ('{ "start": %d, "length": %d, "depth": %d, '
-             f'"present": {tf(p)}, "zero": {tf(z)}, "data": {tf(d)}')
-        templates.append(t + (', "offset": %d}' if o else '%.0s}'))
-    code = (present.astype(np.uint8) << 3 | zero.astype(np.uint8) << 2
-            | data.astype(np.uint8) << 1 | has_offset.astype(np.uint8))
-    fmt = ",\n".join(np.array(templates, dtype=object)[code].tolist())
-    values = tuple(itertools.chain.from_iterable(zip(
-        table.guest.tolist(), table.length.tolist(), table.depth.tolist(),
-        np.where(has_offset, table.host, 0).tolist())))
-    return "[" + fmt % values + "]"
+        return b"[]"
+    tf = ["false", "true"]
+    text = (Lines(n).const('{ "start": ').number(table.guest)
+            .const(', "length": ').number(table.length)
+            .const(', "depth": ').number(table.depth.astype(np.uint64))
+            .const(', "present": ').choice(present, tf)
+            .const(', "zero": ').choice(zero, tf)
+            .const(', "data": ').choice(data, tf)
+            .const(', "offset": ', has_offset).number(table.host, has_offset)
+            .const("}").render_bytes(",\n"))
+    return b"[" + text + b"]"
 
 
 def map_human(entries: list[dict]) -> str:

@@ -241,3 +241,19 @@ def test_numpy_table_construct_round_trip():
     ext = np.zeros(4, S.EXTENDED_L2_DTYPE)
     ext["bitmap"] = [1, 2, 3, 0xFFFFFFFF]
     assert (S.l2_table(4, True).parse(S.l2_table(4, True).build(ext)) == ext).all()
+
+
+def test_textvec_lines_match_python_formatting():
+    from imgscope.textvec import Lines
+    rng = np.random.default_rng(3)
+    n = 500
+    a = rng.integers(0, 1 << 63, n, dtype=np.uint64)
+    a[:5] = [0, 9, 10, 99, (1 << 64) - 1]
+    b = rng.integers(0, 1000, n).astype(np.uint64)
+    flag = rng.integers(0, 2, n).astype(bool)
+    text = (Lines(n).const("{a=").number(a).const(", f=").choice(flag, ["no", "yes"])
+            .const(", b=", flag).number(b, flag).const("}").render(";\n"))
+    expect = ";\n".join(f"{{a={x}, f={'yes' if f else 'no'}" + (f", b={y}" if f else "") + "}"
+                        for x, f, y in zip(a.tolist(), flag.tolist(), b.tolist()))
+    assert text == expect
+    assert Lines(0).const("x").render() == ""
