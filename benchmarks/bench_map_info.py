@@ -19,6 +19,9 @@ Images (full run / ``--quick``):
   Sparse host file: ~1 TiB apparent, ~160 MiB allocated.
 * ``fragmented.qcow2`` / ``fragmented-quick.qcow2``: 10^5 / 10^4 scattered data
   extents built by ``tests/oracle.py``'s ``build_fragmented_qcow2``.
+* ``fragmented-sparse.vmdk`` / ``fragmented-stream.vmdk`` (quick: a stream one):
+  ``qemu-img convert -O vmdk -o subformat=monolithicSparse|streamOptimized`` of
+  the fragmented qcow2, so the same 10^5 extents in both VMDK layouts.
 
 An image is reused when it and its ``*.build.json`` side file (written only after
 a successful build) are present with the same parameters.
@@ -85,10 +88,12 @@ def child_env(workdir: Path, as_is: bool) -> dict | None:
 @dataclass(frozen=True)
 class Spec:
     name: str
-    kind: str                 # "prealloc" | "fragmented"
+    kind: str                 # "prealloc" | "fragmented" | "vmdk"
     virtual_size: int
     n_extents: int = 0        # fragmented only
     cluster_size: int = 64 * KiB  # prealloc: fixed; fragmented: 0 = oracle's choice
+    source: str = ""          # vmdk: image (built before it) converted with qemu-img
+    subformat: str = ""       # vmdk: monolithicSparse | streamOptimized
 
     def params(self) -> dict:
         return asdict(self)
@@ -97,10 +102,16 @@ class Spec:
 FULL = [
     Spec("prealloc-1t.qcow2", "prealloc", 1 * TiB),
     Spec("fragmented.qcow2", "fragmented", 4 * GiB, n_extents=100_000, cluster_size=0),
+    Spec("fragmented-sparse.vmdk", "vmdk", 4 * GiB, source="fragmented.qcow2",
+         subformat="monolithicSparse"),
+    Spec("fragmented-stream.vmdk", "vmdk", 4 * GiB, source="fragmented.qcow2",
+         subformat="streamOptimized"),
 ]
 QUICK = [
     Spec("prealloc-64g.qcow2", "prealloc", 64 * GiB),
     Spec("fragmented-quick.qcow2", "fragmented", 1 * GiB, n_extents=10_000, cluster_size=0),
+    Spec("fragmented-quick-stream.vmdk", "vmdk", 1 * GiB, source="fragmented-quick.qcow2",
+         subformat="streamOptimized"),
 ]
 
 
@@ -116,6 +127,8 @@ def _frag_cluster_size(spec: Spec) -> int:
 
 def estimated_disk_bytes(spec: Spec) -> int:
     """Allocated (not apparent) bytes the image will need, with some margin."""
+    if spec.kind == "vmdk":
+        return 600 * MiB
     if spec.kind == "prealloc":
         clusters = spec.virtual_size // spec.cluster_size
         # L2 entries (8 B) + refcounts (2 B) per cluster, plus header/L1/refcount table
@@ -189,6 +202,11 @@ def build_image(workdir: Path, spec: Spec) -> dict:
         info.update({k: v for k, v in res.items() if k not in ("path", "seconds")})
         info["command"] = (f"tests/oracle.py build_fragmented_qcow2(path, {spec.virtual_size}, "
                            f"{spec.n_extents}, cluster_size={spec.cluster_size or None})")
+    elif spec.kind == "vmdk":
+        cmd = [QEMU_IMG, "convert", "-O", "vmdk", "-o", f"subformat={spec.subformat}",
+               str(workdir / spec.source), str(tmp)]
+        subprocess.run(cmd, check=True, timeout=RUN_TIMEOUT)
+        info["command"] = f"qemu-img convert -O vmdk -o subformat={spec.subformat} {spec.source} {spec.name}"
     else:
         raise ValueError(spec.kind)
     os.replace(tmp, path)

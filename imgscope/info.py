@@ -31,8 +31,9 @@ def _given_name(image) -> str:
 def image_info(image) -> dict:
     """The keys and values `qemu-img info --output=json` prints for this image."""
     out: dict = {"virtual-size": image.virtual_size, "filename": _given_name(image),
-                 "format": image.format, "actual-size": actual_size(image),
-                 "dirty-flag": bool(image.dirty)}
+                 "format": image.format, "actual-size": image.actual_size()}
+    if image.info_complete:
+        out["dirty-flag"] = bool(image.dirty)
     if image.cluster_size:
         out["cluster-size"] = image.cluster_size
     fs = image.format_specific()
@@ -58,17 +59,6 @@ def full_backing_name(image) -> str:
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(_given_name(image)), name)
-
-
-def actual_size(image) -> int:
-    """Host bytes allocated to the image's own files (st_blocks), as qemu counts them."""
-    total = 0
-    for src in image.files()[:image.actual_size_files]:
-        try:
-            total += os.stat(src.path).st_blocks * 512
-        except OSError:
-            pass
-    return total
 
 
 def snapshot_info(s: dict) -> dict:

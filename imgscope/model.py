@@ -249,7 +249,11 @@ class Image:
         return image_info(self)
 
     dirty = False   # qemu-img info's dirty-flag
-    actual_size_files = 1   # how many of files() qemu-img counts in actual-size
+    info_complete = True    # False: qemu-img info has no cluster-size / dirty-flag to show
+
+    def actual_size(self) -> int:
+        """Host bytes allocated to the image file (st_blocks), as qemu-img info counts."""
+        return self.source.allocated
 
     def format_specific(self) -> dict | None:
         return None

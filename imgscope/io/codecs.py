@@ -7,8 +7,11 @@ from ..errors import ParseError, Unsupported
 
 
 def decompress(data: bytes, codec: str, out_size: int, *, path: str = "",
-               offset: int | None = None) -> bytes:
-    """Exactly `out_size` bytes from a compressed stream with trailing slop ignored.
+               offset: int | None = None, min_size: int | None = None) -> bytes:
+    """Up to `out_size` bytes from a compressed stream, trailing slop ignored.
+
+    Fewer than `min_size` (default: out_size) bytes is an error; a stream's last
+    grain may legitimately be shorter than a full grain.
 
     qcow2 deflate streams are raw (no zlib header); VMDK grains use zlib
     streams ("zlib-wrapped"); zstd is one frame.  A short stream is an error.
@@ -36,7 +39,8 @@ def decompress(data: bytes, codec: str, out_size: int, *, path: str = "",
             raise ParseError(f"compressed data does not decode: {exc}", path=path,
                              offset=offset, structure="compressed cluster") from None
         raise
-    if len(out) < out_size:
-        raise ParseError(f"compressed data decodes to {len(out)} bytes, expected {out_size}",
+    need = out_size if min_size is None else min_size
+    if len(out) < need:
+        raise ParseError(f"compressed data decodes to {len(out)} bytes, expected {need}",
                          path=path, offset=offset, structure="compressed cluster")
     return out

@@ -122,7 +122,7 @@ class GuestReader(io.RawIOBase):
         src = t.files[int(t.file[i])]
         stored = src.read_upto(int(t.host[i]), int(t.host_length[i]))
         data = decompress(stored, t.codec, self.cluster_size, path=str(src.path),
-                          offset=int(t.host[i]))
+                          offset=int(t.host[i]), min_size=int(t.inner[i] + t.length[i]))
         self._cache[key] = data
         if len(self._cache) > self._cache_max:
             self._cache.popitem(last=False)

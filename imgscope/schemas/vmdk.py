@@ -193,6 +193,7 @@ COWD_MAGIC = b"COWD"
 COWD_HEADER_SIZE = 2048
 COWD_GT_ENTRIES = 4096              # fixed, whatever the header says
 COWD_VERSION = 1
+COWD_FLAG_ROOT = 0x1          # base disk: bytes 32.. hold geometry, not a parent name
 
 # The header has a union at byte 32: a base ("root") disk stores its geometry there
 # (cylinders, heads, sectors: 3 x u32), a delta ("child") disk stores

@@ -17,7 +17,6 @@ from ...schemas import vmdk as V
 from ...schemas._types import FieldRow
 from ...schemas.vmdk_descriptor import parse_descriptor, Descriptor
 from .. import open_backing
-from ..base import extent_regions
 from .extents import (Extent, FlatExtent, ZeroExtent, MissingExtent, SparseExtent, CowdExtent,
                       SeSparseExtent, SECTOR)
 
@@ -67,10 +66,20 @@ class VmdkImage(Image):
                                  structure="descriptor")
             self._use_descriptor(source.read(0, source.size, "descriptor"), 0, self.path.name)
         self.virtual_size = sum(e.length for e in self.extents_list)
-        first = self.extents_list[0] if self.extents_list else None
-        self.cluster_size = first.cluster_size if first is not None and not first.flat else None
+        self.cluster_size = self._common_cluster_size()
         self._open_parent()
         self._register_tables()
+
+    def _common_cluster_size(self) -> int | None:
+        """The grain size when every extent is of the same kind (qemu's rule), else None."""
+        real = [e for e in self.extents_list if not isinstance(e, (ZeroExtent, MissingExtent))]
+        if not real:
+            return None
+        a = real[0]
+        same = all(e.flat == a.flat and e.compressed == a.compressed
+                   and (a.flat or e.cluster_size == a.cluster_size) for e in real[1:])
+        self.info_complete = same      # qemu-img info omits cluster-size and dirty-flag otherwise
+        return a.cluster_size if same and not a.flat else None
 
     # ---- opening --------------------------------------------------------------------
     def _open_sparse_file(self) -> None:
@@ -177,8 +186,9 @@ class VmdkImage(Image):
     def _open_parent(self) -> None:
         desc = self.descriptor
         hint = desc.parent_hint if desc is not None else None
-        if self.direct and self.extents_list and isinstance(self.extents_list[0], CowdExtent):
-            raw = V.cowd_parent_file_name(self.extents_list[0].header).split(b"\0")[0]
+        first = self.extents_list[0] if self.extents_list else None
+        if self.direct and isinstance(first, CowdExtent) and not first.header["flags"] & V.COWD_FLAG_ROOT:
+            raw = V.cowd_parent_file_name(first.header).split(b"\0")[0]
             hint = hint or (raw.decode("utf-8", "replace") if raw else None)
         if not hint:
             return
@@ -201,9 +211,13 @@ class VmdkImage(Image):
     def cid(self) -> int | None:
         return self.descriptor.cid if self.descriptor is not None else None
 
-    @property
-    def actual_size_files(self) -> int:
-        return len(self._file_list)
+    def actual_size(self) -> int:
+        """Descriptor plus each extent's file, once per extent line (as qemu counts)."""
+        total = self.source.allocated
+        for e in self.extents_list:
+            if e.source is not None and e.source is not self.source:
+                total += e.source.allocated
+        return total
 
     def files(self) -> list[Source]:
         return list(self._file_list)
@@ -225,7 +239,7 @@ class VmdkImage(Image):
         for ext in self.extents_list:
             regs += ext.regions()
             if not ext.flat:
-                regs += extent_regions(ext.table(self.files()), f"{ext.label} grains")
+                regs += ext.grain_regions(self.files())
         return regs
 
     def _register_tables(self) -> None:

@@ -12,7 +12,7 @@ from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED, KIND_
                       NO_HOST)
 from ...schemas import vmdk as V
 from ...schemas._types import field_layout
-from ..base import coalesce, validate_table
+from ..base import coalesce, extent_regions, validate_table
 from ..twolevel import run_starts, two_level_map, units_at
 from ..qcow2.clusters import note_bad_entries
 
@@ -96,6 +96,15 @@ class GrainExtent(Extent):
 
     def grain_bytes(self) -> int:
         return self.grain_sectors * SECTOR
+
+    def grain_regions(self, files) -> list:
+        """Host ranges of this extent's grains (stream records include their 12-byte header)."""
+        regs = extent_regions(self.table(files), f"{self.label} grains")
+        if getattr(self, "markers", False):
+            head = np.uint64(V.GRAIN_RECORD_HEADER_SIZE)
+            regs = [(fi, off - head, ln + head, kind, owner) if kind == "compressed_data"
+                    else (fi, off, ln, kind, owner) for fi, off, ln, kind, owner in regs]
+        return regs
 
     def parse_header(self, struct, data: bytes, base: int, name: str) -> dict:
         rows = field_layout(struct, data, structure=name, base_offset=base)
