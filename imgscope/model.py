@@ -50,6 +50,8 @@ class Finding:
 
 FLAG_HOST_HOLE = 1   # data run whose host bytes are a hole (QEMU reports zero too)
 FLAG_HIDDEN_OFFSET = 2   # host offset not reported by qemu-img map (encrypted images)
+FLAG_RECORD = 4          # compressed run whose host points at a stream record header
+                         # (VMDK: u64 lba, u32 size, payload): its length is read there
 
 
 @dataclass

@@ -9,6 +9,20 @@ from ..schemas._types import field_layout
 from ..model import ExtentTable, KIND_COMPRESSED, KIND_UNALLOCATED, NO_HOST
 
 
+FINDINGS_PER_CALL = 20
+
+
+def note_bad_entries(image, idx: np.ndarray, code: str, message, structure: str,
+                     offsets: np.ndarray, severity: str = "error") -> None:
+    """A finding per bad entry for the first few, then one summary finding."""
+    for k in idx[:FINDINGS_PER_CALL]:
+        image.note(severity, code, message(int(k)), structure=structure, index=int(k),
+                   host_offset=int(offsets[k]))
+    if idx.size > FINDINGS_PER_CALL:
+        image.note(severity, code, f"{idx.size - FINDINGS_PER_CALL} more entries of {structure} "
+                   f"with the same problem ({code})", structure=structure)
+
+
 def validate_table(image, offset: int, nbytes: int, structure: str, *,
                    align: int = 1, index: int | None = None,
                    limit: int | None = None, severity: str = "error", source=None) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ImageError, Unsupported
 from ..model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
-                     KIND_COMPRESSED, KIND_ENCRYPTED)
+                     KIND_COMPRESSED, KIND_ENCRYPTED, FLAG_RECORD)
 from .codecs import decompress
 
 
@@ -120,9 +120,13 @@ class GuestReader(io.RawIOBase):
             self._cache.move_to_end(key)
             return hit
         src = t.files[int(t.file[i])]
-        stored = src.read_upto(int(t.host[i]), int(t.host_length[i]))
+        host, length = int(t.host[i]), int(t.host_length[i])
+        if t.flags[i] & FLAG_RECORD:          # length stored in the record header
+            length = int.from_bytes(src.read(host + 8, 4, "grain record header"), "little")
+            host += 12
+        stored = src.read_upto(host, length)
         data = decompress(stored, t.codec, self.cluster_size, path=str(src.path),
-                          offset=int(t.host[i]), min_size=int(t.inner[i] + t.length[i]))
+                          offset=host, min_size=int(t.inner[i] + t.length[i]))
         self._cache[key] = data
         if len(self._cache) > self._cache_max:
             self._cache.popitem(last=False)

@@ -16,7 +16,7 @@ from ...schemas._types import field_layout
 from .. import open_backing
 from ..base import validate_table
 from .bitmaps import parse_bitmaps
-from .clusters import Geometry, map_l1, read_table, note_bad_entries
+from .clusters import Geometry, map_l1, read_table
 from .header import parse_header
 from .refcounts import read_reftable, refcounts as _refcounts, refblock_offsets
 from .snapshots import parse_snapshots

@@ -14,10 +14,9 @@ import numpy as np
 from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
                       KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HIDDEN_OFFSET)
 from ...schemas import qcow2 as S
-from ..base import coalesce, validate_table
+from ..base import coalesce, validate_table, note_bad_entries
 from ..twolevel import read_tables, run_starts, two_level_map, units_at
 
-FINDINGS_PER_CODE = 20
 
 
 @dataclass(frozen=True)
@@ -48,17 +47,6 @@ class Geometry:
     @property
     def csize_shift(self) -> int:
         return S.csize_shift(self.cluster_bits)
-
-
-def note_bad_entries(image, idx: np.ndarray, code: str, message, structure: str,
-                     offsets: np.ndarray, severity: str = "error") -> None:
-    """A finding per bad entry for the first few, then one summary finding."""
-    for k in idx[:FINDINGS_PER_CODE]:
-        image.note(severity, code, message(int(k)), structure=structure, index=int(k),
-                   host_offset=int(offsets[k]))
-    if idx.size > FINDINGS_PER_CODE:
-        image.note(severity, code, f"{idx.size - FINDINGS_PER_CODE} more entries of {structure} "
-                   f"with the same problem ({code})", structure=structure)
 
 
 def read_table(image, offset: int, count: int, structure: str, align: int) -> np.ndarray | None:

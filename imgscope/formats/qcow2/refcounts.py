@@ -5,7 +5,8 @@ import numpy as np
 
 from ...schemas import qcow2 as S
 from ..base import validate_table
-from .clusters import read_table, note_bad_entries
+from .clusters import read_table
+from ..base import note_bad_entries
 
 
 def read_reftable(image) -> np.ndarray | None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED, KIND_COMPRESSED,
-                      NO_HOST)
+                      NO_HOST, FLAG_RECORD)
 from ...schemas import vmdk as V
 from ...schemas._types import field_layout
-from ..base import coalesce, extent_regions, validate_table
+from ..base import coalesce, extent_regions, note_bad_entries, validate_table
 from ..twolevel import run_starts, two_level_map, units_at
-from ..qcow2.clusters import note_bad_entries
 
 SECTOR = 512
 
@@ -101,9 +100,15 @@ class GrainExtent(Extent):
         """Host ranges of this extent's grains (stream records include their 12-byte header)."""
         regs = extent_regions(self.table(files), f"{self.label} grains")
         if getattr(self, "markers", False):
-            head = np.uint64(V.GRAIN_RECORD_HEADER_SIZE)
-            regs = [(fi, off - head, ln + head, kind, owner) if kind == "compressed_data"
-                    else (fi, off, ln, kind, owner) for fi, off, ln, kind, owner in regs]
+            # stream records: 12-byte header + payload, lengths read in one gathered pass
+            out = []
+            for fi, off, ln, kind, owner in regs:
+                if kind == "compressed_data":
+                    head = self.source.gather(off, V.GRAIN_RECORD_HEADER_SIZE)
+                    ln = head[:, 8:12].copy().view("<u4").reshape(-1).astype(np.uint64) \
+                        + np.uint64(V.GRAIN_RECORD_HEADER_SIZE)
+                out.append((fi, off, ln, kind, owner))
+            regs = out
         return regs
 
     def parse_header(self, struct, data: bytes, base: int, name: str) -> dict:
@@ -134,7 +139,8 @@ class GrainExtent(Extent):
                              codec="zlib", cluster_size=self.grain_bytes(),
                              structure=f"{self.label} grain table", source=self.source)
 
-    def runs(self, files, first_units, e, hosted, step, breaks, classify_starts) -> ExtentTable:
+    def runs(self, files, first_units, e, hosted, step, breaks, classify_starts,
+             record_flag: bool = False) -> ExtentTable:
         starts = run_starts(e, hosted, step, breaks, self.per_table)
         counts = np.diff(np.append(starts, e.size)).astype(np.uint64)
         kind, host, hlen = classify_starts(starts)
@@ -142,8 +148,9 @@ class GrainExtent(Extent):
         guest = units_at(first_units, starts, self.per_table) * gb
         length = np.where(kind == KIND_COMPRESSED, gb, counts * gb).astype(np.uint64)
         file = np.where(host == NO_HOST, -1, self.file_index).astype(np.int16)
+        flags = np.where((kind == KIND_COMPRESSED) & record_flag, FLAG_RECORD, 0).astype(np.uint8)
         return coalesce(guest, length, kind, host, hlen, file, files, codec="zlib",
-                        cluster_size=int(gb))
+                        cluster_size=int(gb), flags=flags)
 
 
 class SparseExtent(GrainExtent):
@@ -255,22 +262,13 @@ class SparseExtent(GrainExtent):
             comp = np.flatnonzero(kind == KIND_COMPRESSED)
             if comp.size:
                 rec = s[comp] * np.uint64(SECTOR)
-                if self.markers:
-                    head = self.source.gather(rec, 12)
-                    lba = head[:, :8].copy().view("<u8").reshape(-1)
-                    size = head[:, 8:12].copy().view("<u4").reshape(-1).astype(np.uint64)
-                    want = units_at(first_units, starts[comp], self.per_table) * np.uint64(self.grain_sectors)
-                    bad = np.flatnonzero((lba != want) | (size == 0))
-                    if bad.size:
-                        note_bad_entries(self.image, bad, "grain_record_mismatch",
-                                         lambda k: f"{self.label} grain record at {int(rec[k]):#x} "
-                                         f"has lba {int(lba[k])}, expected {int(want[k])}",
-                                         f"{self.label} grain table", rec)
-                    host[comp], hlen[comp] = rec + np.uint64(12), size
-                else:
-                    host[comp], hlen[comp] = rec, np.uint64(2 * self.grain_bytes())
+                # stream records carry their length: read when the grain is read
+                # (checking every record's lba is the checker's work, not the map's)
+                host[comp] = rec
+                hlen[comp] = 0 if self.markers else np.uint64(2 * self.grain_bytes())
             return kind, host, hlen
-        return self.runs(files, first_units, e, hosted, self.grain_sectors, compressed, at_starts)
+        return self.runs(files, first_units, e, hosted, self.grain_sectors, compressed, at_starts,
+                         record_flag=self.markers)
 
     def regions(self) -> list:
         h, fi, lbl = self.footer or self.header, self.file_index, self.label
