@@ -161,6 +161,8 @@ class Image:
              **where) -> None:
         """Record a finding; in strict mode errors raise instead."""
         where.setdefault("file", str(self.path))
+        if where.get("host_offset") is not None and not 0 <= where["host_offset"] < 1 << 64:
+            where["host_offset"] = None          # a hostile value that is no offset at all
         f = Finding(severity, code, message, **where)
         if self.strict and raise_in_strict and severity in ("error", "critical"):
             raise ParseError(message, path=f.file, offset=f.host_offset,

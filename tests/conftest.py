@@ -27,3 +27,10 @@ def raw_sample(tmp_path_factory) -> "oracle.Sample":
     """A sparse raw image (truncate + data at a few offsets), independent of the corpus."""
     oracle.require_tools()
     return oracle.build_raw_sample(tmp_path_factory.mktemp("raw"))
+
+
+@pytest.fixture(scope="session")
+def vmdk_corpus(tmp_path_factory) -> dict[str, "oracle.VmdkSample"]:
+    """name -> oracle.VmdkSample for every image built by ``oracle.build_vmdk_corpus``."""
+    oracle.require_tools()
+    return oracle.build_vmdk_corpus(tmp_path_factory.mktemp("vmdk_corpus"))

@@ -1020,3 +1020,380 @@ def build_fragmented_qcow2(path, virtual_size: int, n_extents: int, *, cluster_s
         qemu_io(path, *cmds, fmt="qcow2", cache="unsafe")
     return {"path": path, "virtual_size": virtual_size, "cluster_size": cs, "stride": stride,
             "n_extents": n_extents, "scrambled": len(late), "seconds": time.monotonic() - t0}
+
+
+# =========================================================================== VMDK
+#
+# Behaviour of qemu-img / qemu-io 7.2 on VMDK, observed while writing this section
+# (facts about the oracle, like the qcow2 notes in the module docstring):
+#
+# * ``qemu-img create -f vmdk -o subformat=...`` writes monolithicSparse (default),
+#   monolithicFlat (``NAME.vmdk`` descriptor + ``NAME-flat.vmdk``), twoGbMaxExtentSparse
+#   (descriptor + ``NAME-s001.vmdk``, ``-s002``, ... of 2 GiB = 4194304 sectors each),
+#   twoGbMaxExtentFlat (``NAME-f001.vmdk`` ...; sparse files of exactly the extent size)
+#   and streamOptimized.  Grains are 64 KiB, a grain table maps 512 grains (32 MiB).
+# * qemu-io can write every subformat except streamOptimized in a useful way; stream
+#   samples come from ``qemu-img convert -O vmdk -o subformat=streamOptimized`` of a raw
+#   file (all-zero grains are skipped, i.e. become holes; qemu puts GD/GTs in the
+#   overhead like monolithicSparse, records back to back from sector 128).
+# * The first write after each open gives the descriptor a new random CID; qemu then
+#   rewrites a separate descriptor file NUL-padded to 512 bytes.
+# * ``write -z`` without ``zeroed_grain=on`` allocates grains full of zeros (map:
+#   ``data: true, zero: false`` with an offset).  With ``zeroed_grain=on`` (header
+#   version 2, flag 0x4) a grain-aligned ``write -z`` stores GTE = 1 (map: ``present:
+#   true, zero: true, data: false``, no offset), even over an allocated grain, whose
+#   host grain is then leaked; an unaligned ``write -z`` writes zero bytes.
+# * ``compat6=on`` writes ``ddb.virtualHWVersion = "6"`` and cannot be combined with
+#   ``hwversion``; heads are 16 for ``adapter_type=ide`` and 255 otherwise.
+# * Children: ``qemu-img create -f vmdk -b PARENT -F vmdk CHILD`` stores
+#   ``parentCID`` = the parent's CID and ``parentFileNameHint`` = the -b name.  Writing
+#   to the parent afterwards changes its CID: ``qemu-img info`` and ``map`` still work
+#   on the child, but ``qemu-img convert`` fails ("error while reading at byte N:
+#   Invalid argument") at the first read that reaches the parent.
+# * map of flat extents: every byte is ``present``/``data`` with the flat-file offset;
+#   holes of the sparse flat file are ``zero: true`` too.
+
+
+@dataclass
+class VmdkSample(Sample):
+    """A VMDK corpus image (``fmt`` = "vmdk").
+
+    ``subformat`` is the createType; ``extra_files`` lists every other file the image
+    needs (separate extent files of every layer, in descriptor order); ``backing``
+    the parent disks (nearest first).  ``expect_findings`` is the set of finding codes
+    imgscope should report for the image (empty for clean images).  ``qemu_reads`` is
+    False when ``qemu-img convert`` cannot read the guest (CID mismatch), so there is no
+    raw oracle for its content.
+    """
+
+    subformat: str = ""
+    expect_findings: set[str] = field(default_factory=set)
+    qemu_reads: bool = True
+
+
+GRAIN = 64 * KiB
+GT_SPAN = 512 * GRAIN          # 32 MiB of guest per grain table
+SPLIT = 2 * GiB                # qemu's twoGbMax extent size
+
+def vmdk_descriptor_text(path) -> str:
+    """The descriptor text of a VMDK file: the file itself, or the embedded one of a KDMV
+    file (sector ``descriptorOffset``, ``descriptorSize`` sectors), cut at the first NUL."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+        if head[:4] == b"KDMV":
+            d_off, d_size = struct.unpack_from("<QQ", head, 0x1C)
+            f.seek(d_off * 512)
+            raw = f.read(d_size * 512)
+        else:
+            f.seek(0)
+            raw = f.read(1 << 20)
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def vmdk_extent_lines(path) -> list[tuple[str, int, str, str | None, int | None]]:
+    """(access, sectors, type, file name or None, offset or None) of each extent line."""
+    import re
+    pattern = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?')
+    out = []
+    for line in vmdk_descriptor_text(path).splitlines():
+        m = pattern.match(line)
+        if m:
+            out.append((m.group(1), int(m.group(2)), m.group(3), m.group(4),
+                        None if m.group(5) is None else int(m.group(5))))
+    return out
+
+
+def vmdk_extent_files(path) -> list[Path]:
+    """Files named by the extent lines of ``path``, other than ``path`` itself."""
+    path = Path(path).absolute()
+    out = []
+    for _a, _s, _t, name, _o in vmdk_extent_lines(path):
+        if name:
+            p = (path.parent / name).absolute()
+            if p != path and p not in out:
+                out.append(p)
+    return out
+
+
+def vmdk_header(path) -> dict:
+    """The KDMV header fields (not a parser under test: a fixed struct unpack)."""
+    with open(path, "rb") as f:
+        h = f.read(512)
+    names = ("magic", "version", "flags", "capacity", "grainSize", "descriptorOffset",
+             "descriptorSize", "numGTEsPerGT", "rgdOffset", "gdOffset", "overHead",
+             "uncleanShutdown", "newline", "compressAlgorithm")
+    vals = struct.unpack_from("<4sIIQQQQIQQQB4sH", h, 0)
+    if vals[0] != b"KDMV":
+        raise ValueError(f"{path}: not a KDMV file")
+    return dict(zip(names, vals))
+
+
+def vmdk_grain_tables(path) -> dict:
+    """KDMV header, primary/redundant grain directory entries and every primary grain
+    table (GT sector -> list of entries): a plain struct unpack, not a parser under test."""
+    h = vmdk_header(path)
+    data = Path(path).read_bytes()
+    n = -(-h["capacity"] // (h["grainSize"] * h["numGTEsPerGT"]))
+    gd = list(struct.unpack_from(f"<{n}I", data, h["gdOffset"] * 512))
+    rgd = list(struct.unpack_from(f"<{n}I", data, h["rgdOffset"] * 512)) if h["rgdOffset"] else []
+    gts = {s: list(struct.unpack_from(f"<{h['numGTEsPerGT']}I", data, s * 512)) for s in gd if s}
+    return {"header": h, "gd": gd, "rgd": rgd, "gts": gts, "size": len(data)}
+
+
+def _vmdk_create(path: Path, size: int | None, opts: Sequence[str] = (), *, backing: str | None = None
+                 ) -> list[str]:
+    return _create(path, size, fmt="vmdk", opts=opts, backing=backing,
+                   backing_fmt="vmdk" if backing else None)
+
+
+def _vmdk_workload(payload: _Payload, tag: str, vsize: int, *, boundaries: Sequence[int] = ()
+                   ) -> list[str]:
+    """qemu-io commands putting known data into a VMDK with 64 KiB grains.
+
+      R1   unique data at 0, 1.5 grains (crosses grain 0/1, partial second grain)
+      R2   constant pattern from a quarter into grain 4, 2.5 grains
+      P    4 KiB of unique data at 1 MiB + 512 (inside one grain, unaligned)
+      Z1   ``write -z`` of 2 unallocated grains at 2 MiB
+      Z2   3 data grains at 3 MiB, grain-aligned ``write -z`` of the middle one and an
+           unaligned 4 KiB ``write -z`` inside the third
+      GTX  unique data straddling the first three grain-table boundaries (32 MiB
+           multiples) inside the disk, starting mid-grain (1.5 grains before, 1.5 after)
+      LNG  100 000 unique bytes at 32 MiB + 8 MiB + 7 (unaligned, in the second GT)
+      B    unique data straddling each offset in ``boundaries`` (extent boundaries),
+           the first GT boundary after it, and 5000 bytes at boundary + 5 MiB + 3
+      T    4 KiB of unique data ending exactly at the end of the disk
+    """
+    g = GRAIN
+    cmds = [payload.write(tag + "-r1", 0, g + g // 2),
+            f"write -P {_pattern(tag + '-r2')} {4 * g + g // 4} {2 * g + g // 2}",
+            payload.write(tag + "-p", MiB + 512, 4096),
+            f"write -z {2 * MiB} {2 * g}",
+            f"write -P {_pattern(tag + '-z2')} {3 * MiB} {3 * g}",
+            f"write -z {3 * MiB + g} {g}",
+            f"write -z {3 * MiB + 2 * g + 8192} 4096"]
+    gts = list(range(GT_SPAN, vsize - 4 * g, GT_SPAN))[:3]      # a few are enough (2 GiB has 64)
+    for b in gts:
+        cmds.append(payload.write(f"{tag}-gtx{b // GT_SPAN}", b - g - g // 2, 3 * g))
+    if vsize > GT_SPAN + 9 * MiB:
+        cmds.append(payload.write(tag + "-long", GT_SPAN + 8 * MiB + 7, 100_000))
+    for b in boundaries:
+        cmds.append(payload.write(f"{tag}-b{b:x}", b - 96 * KiB, 192 * KiB))
+        if b + GT_SPAN < vsize - 4 * g:         # a GT boundary inside the next extent
+            cmds.append(payload.write(f"{tag}-b{b:x}-gt", b + GT_SPAN - g // 2, 2 * g))
+        cmds.append(payload.write(f"{tag}-b{b:x}-after", b + 5 * MiB + 3, 5000))
+    cmds.append(payload.write(tag + "-tail", vsize - 4096, 4096))
+    return cmds
+
+
+def _vmdk_sample(root: Path, payload: _Payload, name: str, vsize: int, opts: Sequence[str] = (), *,
+                 subformat: str = "monolithicSparse", boundaries: Sequence[int] = (), notes: str = "",
+                 tags: Iterable[str] = ()) -> VmdkSample:
+    path = root / f"{name}.vmdk"
+    args = _vmdk_create(path, vsize, [f"subformat={subformat}", *opts])
+    cmds = _vmdk_workload(payload, name, vsize, boundaries=boundaries)
+    qemu_io(path, *cmds, fmt="vmdk", cwd=root)
+    return VmdkSample(name, path, "vmdk", args, notes=notes, virtual_size=vsize, cluster_size=GRAIN,
+                      commands=cmds, extra_files=vmdk_extent_files(path), tags={"vmdk", *tags},
+                      subformat=subformat)
+
+
+def _build_vmdk_subformats(root, payload) -> list[VmdkSample]:
+    big = SPLIT + 40 * MiB
+    return [
+        _vmdk_sample(root, payload, "sparse", 80 * MiB, tags={"sparse"},
+                     notes="monolithicSparse (qemu default: ide, hwversion 4), 80 MiB = 2.5 GTs"),
+        _vmdk_sample(root, payload, "flat", 80 * MiB, subformat="monolithicFlat", tags={"flat"},
+                     notes="monolithicFlat: flat.vmdk descriptor + flat-flat.vmdk (sparse raw file)"),
+        _vmdk_sample(root, payload, "split_sparse", big, subformat="twoGbMaxExtentSparse",
+                     boundaries=[SPLIT], tags={"sparse", "split", "large"},
+                     notes="twoGbMaxExtentSparse, 2 GiB + 40 MiB: split_sparse-s001.vmdk (2 GiB) and "
+                           "-s002.vmdk (40 MiB); data straddles the extent boundary"),
+        _vmdk_sample(root, payload, "split_flat", big, subformat="twoGbMaxExtentFlat",
+                     boundaries=[SPLIT], tags={"flat", "split", "large"},
+                     notes="twoGbMaxExtentFlat, 2 GiB + 40 MiB: two sparse flat files -f001/-f002; "
+                           "data straddles the extent boundary"),
+    ]
+
+
+def _build_vmdk_options(root, payload) -> list[VmdkSample]:
+    out = []
+    small = 40 * MiB
+    for adapter in ("ide", "lsilogic", "buslogic", "legacyESX"):
+        out.append(_vmdk_sample(root, payload, f"adapter_{adapter}", small, [f"adapter_type={adapter}"],
+                                tags={"sparse", "adapter"},
+                                notes=f"monolithicSparse, adapter_type={adapter} "
+                                      f"(heads {16 if adapter == 'ide' else 255})"))
+    for hw in ("4", "7", "9"):
+        out.append(_vmdk_sample(root, payload, f"hwversion_{hw}", small, [f"hwversion={hw}"],
+                                tags={"sparse", "hwversion"}, notes=f"monolithicSparse, hwversion={hw}"))
+    out.append(_vmdk_sample(root, payload, "compat6", small, ["compat6=on"], tags={"sparse", "hwversion"},
+                            notes="monolithicSparse, compat6=on (ddb.virtualHWVersion 6)"))
+    out.append(_vmdk_sample(root, payload, "zeroed_grain", 80 * MiB, ["zeroed_grain=on"],
+                            tags={"sparse", "zeroed_grain"},
+                            notes="monolithicSparse, zeroed_grain=on (version 2, flags 0x7): grain-aligned "
+                                  "write -z stores GTE=1, also over the allocated middle grain of Z2 "
+                                  "(its host grain is leaked)"))
+    out.append(_vmdk_sample(root, payload, "flat_lsilogic", small, ["adapter_type=lsilogic", "hwversion=7"],
+                            subformat="monolithicFlat", tags={"flat", "adapter"},
+                            notes="monolithicFlat, adapter_type=lsilogic, hwversion=7"))
+    return out
+
+
+def _stream_source(path: Path, size: int) -> None:
+    """Raw source for the stream samples: compressible text, incompressible random data,
+    all-zero grains inside data, data across GT boundaries, random bytes up to the end
+    (a partial last grain when ``size`` is not a grain multiple)."""
+    rnd = random.Random("vmdk-stream")
+    text = b"".join(b"imgscope stream line %08d: compressible text\n" % i for i in range(8000))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pieces = [(0, rnd.randbytes(GRAIN + 12345)),                         # incompressible, 2 grains
+                  (MiB, text[:5 * GRAIN + 999]),                              # compressible, 6 grains
+                  (3 * MiB, rnd.randbytes(GRAIN) + bytes(2 * GRAIN) + rnd.randbytes(GRAIN)),  # zero grains inside
+                  (GT_SPAN - 70_000, rnd.randbytes(140_000)),                 # across GT 0/1
+                  (2 * GT_SPAN - GRAIN // 2, text[:GRAIN]),                   # across GT 1/2, compressible
+                  (2 * GT_SPAN + 5 * MiB + 100, b"\x5a" * 3000),              # tiny, very compressible
+                  (size - 3000, rnd.randbytes(3000))]                         # up to the end
+        for off, data in pieces:
+            f.seek(off)
+            f.write(data)
+
+
+def _build_vmdk_stream(root, payload) -> list[VmdkSample]:
+    size = 2 * GT_SPAN + 8 * MiB                   # 3 GTs, whole grains
+    out = []
+    for name, vsize, opts, note in (
+        ("stream", size, [], "streamOptimized (version 3, flags 0x30003, zlib) converted from a raw file"),
+        ("stream_zeroed_grain", size, ["zeroed_grain=on"],
+         "streamOptimized with zeroed_grain=on (flags 0x30007)"),
+        ("stream_tail", size + 4096, [],
+         "streamOptimized whose size is not a grain multiple: the last grain record holds "
+         "4 KiB (qemu compresses only the bytes inside the disk)"),
+    ):
+        src = root / f"_{name}_source.raw"
+        _stream_source(src, vsize)
+        path = root / f"{name}.vmdk"
+        args = ["convert", "-f", "raw", "-O", "vmdk", "-o", ",".join(["subformat=streamOptimized", *opts]),
+                src.name, path.name]
+        run(QEMU_IMG, *args, cwd=root)
+        out.append(VmdkSample(name, path, "vmdk", args, virtual_size=vsize, cluster_size=GRAIN,
+                              tags={"vmdk", "stream", "compressed"}, subformat="streamOptimized",
+                              notes=note + "; source: incompressible random grains, compressible text, "
+                                           "all-zero grains inside data (holes), data across GT "
+                                           "boundaries, 3000 random bytes ending at the end of the disk"))
+    return out
+
+
+def _build_vmdk_chain(root, payload) -> list[VmdkSample]:
+    vs = 80 * MiB
+    g = GRAIN
+    base = root / "chain_base.vmdk"
+    child = root / "chain_child.vmdk"
+    grand = root / "chain_grandchild.vmdk"
+    a_base = _vmdk_create(base, vs)
+    c_base = _vmdk_workload(payload, "chain_base", vs)
+    qemu_io(base, *c_base, fmt="vmdk", cwd=root)
+    a_child = _vmdk_create(child, None, backing=base.name)
+    c_child = [payload.write("chain-child-a", g // 2 + 512, 4096),                  # partial: COW from base
+               payload.write("chain-child-b", GT_SPAN - g, 2 * g),                   # over base GTX
+               "write -z 4M 64k",                                                   # over a base hole
+               f"write -z {3 * MiB} {g}",                                            # zeros over base data
+               payload.write("chain-child-c", 10 * MiB + 3, 3 * g)]                  # new data
+    qemu_io(child, *c_child, fmt="vmdk", cwd=root)
+    a_grand = _vmdk_create(grand, None, ["zeroed_grain=on"], backing=child.name)
+    c_grand = [f"write -z 0 {g}",                                                    # GTE=1 hides base R1
+               payload.write("chain-grand-a", 10 * MiB + 3 + g, 4096),               # partial over child c
+               f"write -z {GT_SPAN} {g}",                                            # hides child b / base
+               payload.write("chain-grand-b", 50 * MiB, 2 * g + 1)]
+    qemu_io(grand, *c_grand, fmt="vmdk", cwd=root)
+
+    fbase = root / "flatbase.vmdk"
+    fchild = root / "flatbase_child.vmdk"
+    a_fbase = _vmdk_create(fbase, 40 * MiB, ["subformat=monolithicFlat"])
+    c_fbase = [payload.write("flatbase-a", 0, 3 * g), payload.write("flatbase-b", 20 * MiB, g)]
+    qemu_io(fbase, *c_fbase, fmt="vmdk", cwd=root)
+    a_fchild = _vmdk_create(fchild, None, backing=fbase.name)
+    c_fchild = [payload.write("flatbase-child-a", g + 100, 1000), "write -z 20M 4k",
+                payload.write("flatbase-child-b", 30 * MiB, g)]
+    qemu_io(fchild, *c_fchild, fmt="vmdk", cwd=root)
+    fb_files = vmdk_extent_files(fbase)
+    return [
+        VmdkSample("chain_base", base, "vmdk", a_base, virtual_size=vs, cluster_size=g, commands=c_base,
+                   tags={"vmdk", "sparse", "chain"}, subformat="monolithicSparse",
+                   notes="bottom of chain_base <- chain_child <- chain_grandchild"),
+        VmdkSample("chain_child", child, "vmdk", a_child, virtual_size=vs, cluster_size=g, commands=c_child,
+                   backing=[base], tags={"vmdk", "sparse", "chain", "backing"}, subformat="monolithicSparse",
+                   notes="child of chain_base.vmdk: partial writes (COW from the parent), zeros over "
+                         "parent data (allocated zero grains: no zeroed_grain)"),
+        VmdkSample("chain_grandchild", grand, "vmdk", a_grand, virtual_size=vs, cluster_size=g,
+                   commands=c_grand, backing=[child, base], tags={"vmdk", "sparse", "chain", "backing",
+                                                                  "zeroed_grain"},
+                   subformat="monolithicSparse",
+                   notes="zeroed_grain=on grandchild: write -z stores GTE=1, hiding parent data"),
+        VmdkSample("flatbase", fbase, "vmdk", a_fbase, virtual_size=40 * MiB, cluster_size=None,
+                   commands=c_fbase, extra_files=fb_files, tags={"vmdk", "flat", "chain"},
+                   subformat="monolithicFlat", notes="monolithicFlat parent of flatbase_child"),
+        VmdkSample("flatbase_child", fchild, "vmdk", a_fchild, virtual_size=40 * MiB, cluster_size=g,
+                   commands=c_fchild, backing=[fbase], extra_files=fb_files,
+                   tags={"vmdk", "sparse", "chain", "backing", "flat_parent"}, subformat="monolithicSparse",
+                   notes="monolithicSparse child whose parent is a monolithicFlat descriptor"),
+    ]
+
+
+def _build_vmdk_cid_mismatch(root, payload) -> list[VmdkSample]:
+    vs = 40 * MiB
+    base = root / "cid_base.vmdk"
+    child = root / "cid_child.vmdk"
+    a_base = _vmdk_create(base, vs)
+    c_base = [payload.write("cid-base-a", 0, 2 * GRAIN), payload.write("cid-base-b", 8 * MiB, GRAIN)]
+    qemu_io(base, *c_base, fmt="vmdk", cwd=root)
+    a_child = _vmdk_create(child, None, backing=base.name)
+    c_child = [payload.write("cid-child-a", 4 * MiB, GRAIN)]
+    qemu_io(child, *c_child, fmt="vmdk", cwd=root)
+    late = [payload.write("cid-base-late", 16 * MiB, GRAIN)]       # new CID in cid_base.vmdk
+    qemu_io(base, *late, fmt="vmdk", cwd=root)
+    return [
+        VmdkSample("cid_base", base, "vmdk", a_base, virtual_size=vs, cluster_size=GRAIN,
+                   commands=c_base + ["# after cid_child was made:"] + late, tags={"vmdk", "sparse"},
+                   subformat="monolithicSparse",
+                   notes="parent of cid_child, written AFTER the child was made (its CID changed)"),
+        VmdkSample("cid_child", child, "vmdk", a_child, virtual_size=vs, cluster_size=GRAIN,
+                   commands=c_child, backing=[base], tags={"vmdk", "sparse", "backing", "cid_mismatch"},
+                   subformat="monolithicSparse", expect_findings={"cid_mismatch"}, qemu_reads=False,
+                   notes="child whose parentCID no longer matches cid_base's CID: qemu-img info/map "
+                         "work, qemu-img convert fails ('Invalid argument'); imgscope reports the "
+                         "finding 'cid_mismatch'"),
+    ]
+
+
+_VMDK_BUILDERS = (_build_vmdk_subformats, _build_vmdk_options, _build_vmdk_stream, _build_vmdk_chain,
+                  _build_vmdk_cid_mismatch)
+
+
+def build_vmdk_corpus(directory, jobs: int | None = None) -> dict[str, VmdkSample]:
+    """Build every VMDK sample into ``directory`` and return them by name.
+
+    Every subformat qemu-img writes (monolithicSparse, monolithicFlat,
+    twoGbMaxExtentSparse/Flat of 2 GiB + 40 MiB, streamOptimized), the create options
+    (adapter_type, hwversion, compat6, zeroed_grain), a 3-deep chain, a child of a flat
+    parent and a child whose parent changed after it was made (CID mismatch).  The big
+    disks are sparse: the whole corpus takes a few MiB of disk.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(directory).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    payload = _Payload(root)
+    jobs = jobs or 4
+    if jobs == 1:
+        results = [b(root, payload) for b in _VMDK_BUILDERS]
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(lambda b: b(root, payload), _VMDK_BUILDERS))
+    corpus: dict[str, VmdkSample] = {}
+    for group in results:
+        for s in group:
+            if s.name in corpus:
+                raise RuntimeError(f"duplicate sample name {s.name}")
+            corpus[s.name] = s
+    return corpus

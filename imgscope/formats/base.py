@@ -112,3 +112,30 @@ def extent_regions(table: ExtentTable, owner: str) -> list:
         sel = comp & (table.file == fi)
         out.append((fi, table.host[sel], table.host_length[sel], "compressed_data", owner))
     return out
+
+
+def note_beyond_eof(image, t: ExtentTable, unit: int, structure: str) -> None:
+    """Clusters/grains that start at or after the end of their host file (QEMU's rule:
+    a last unit that only overhangs the end is tolerated); compressed data whose
+    stored range runs a whole unit past the end."""
+    hosted = (t.host != NO_HOST) & (t.file >= 0) & (t.kind != KIND_UNALLOCATED)
+    if not hosted.any():
+        return
+    sizes = np.array([s.size for s in t.files], np.uint64)
+    end = sizes[np.maximum(t.file, 0)]
+    u = np.uint64(unit)
+    last = t.host + t.length - np.minimum(t.length, u)
+    beyond = np.where(t.kind == KIND_COMPRESSED,
+                      (t.host >= end) | (t.host + t.host_length > end + u - np.uint64(1)), last >= end)
+    bad = np.flatnonzero(hosted & beyond)
+    if bad.size:
+        note_bad_entries(image, bad, "cluster_beyond_eof",
+                         lambda k: f"guest {int(t.guest[k]):#x} maps to host {int(t.host[k]):#x}, "
+                         "beyond the end of the file", structure, t.host)
+    # data that starts inside the file but is cut by its end: a truncated file
+    cut = np.flatnonzero(hosted & ~beyond & (t.kind != KIND_COMPRESSED) & (t.host + t.length > end))
+    if cut.size:
+        note_bad_entries(image, cut, "data_truncated",
+                         lambda k: f"guest {int(t.guest[k]):#x}: host bytes {int(t.host[k]):#x} "
+                         f"(+{int(t.length[k])}) end past the end of the file; the rest reads as zeros",
+                         structure, t.host, severity="warning")

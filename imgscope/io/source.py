@@ -113,7 +113,12 @@ class Source:
         return out
 
     def data_runs(self) -> list[tuple[int, int]]:
-        """(offset, length) of the non-hole parts of a sparse file."""
+        """(offset, length) of the non-hole parts of a sparse file (asked once)."""
+        if getattr(self, "_data_runs", None) is None:
+            self._data_runs = self._find_data_runs()
+        return self._data_runs
+
+    def _find_data_runs(self) -> list[tuple[int, int]]:
         if SEEK_DATA is None:
             return [(0, self.size)] if self.size else []
         runs, pos = [], 0

@@ -14,7 +14,7 @@ import numpy as np
 from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
                       KIND_COMPRESSED, KIND_ENCRYPTED, NO_HOST, FLAG_HIDDEN_OFFSET)
 from ...schemas import qcow2 as S
-from ..base import coalesce, validate_table, note_bad_entries
+from ..base import coalesce, validate_table, note_bad_entries, note_beyond_eof
 from ..twolevel import read_tables, run_starts, two_level_map, units_at
 
 
@@ -165,24 +165,6 @@ def _check_entries(image, geo: Geometry, e, first_units, tables, structure: str)
                          structure, where)
 
 
-def _check_beyond_eof(image, geo: Geometry, t: ExtentTable) -> None:
-    """Clusters that start at or after the end of their host file (QEMU's rule)."""
-    hosted = (t.host != NO_HOST) & (t.file >= 0)
-    if not hosted.any():
-        return
-    sizes = np.array([s.size for s in t.files], np.uint64)
-    end = sizes[np.maximum(t.file, 0)]
-    last = t.host + t.length - np.minimum(t.length, np.uint64(geo.cluster_size))
-    bad = np.flatnonzero(hosted & (np.where(t.kind == KIND_COMPRESSED,
-                                            t.host + t.host_length > end + np.uint64(geo.cluster_size) - np.uint64(1),
-                                            last >= end)))
-    if bad.size:
-        note_bad_entries(image, bad, "cluster_beyond_eof",
-                         lambda k: f"guest {int(t.guest[k]):#x} maps to host {int(t.host[k]):#x} "
-                         f"(+{int(t.length[k] if t.kind[k] != KIND_COMPRESSED else t.host_length[k])}),"
-                         " beyond the end of the file", "L2 table", t.host)
-
-
 def _classify_chunk(image, geo: Geometry, entries, first_units, tables, files) -> ExtentTable:
     """Runs of one chunk of L2 entries; standard entries are classified at run starts only."""
     cs = geo.cluster_size
@@ -206,7 +188,7 @@ def _classify_chunk(image, geo: Geometry, entries, first_units, tables, files) -
     flags = np.full(kind.size, FLAG_HIDDEN_OFFSET if geo.encrypted else 0, np.uint8)
     t = coalesce(guest, length, kind, host, hlen, file, files, codec=geo.codec,
                  cluster_size=cs, flags=flags)
-    _check_beyond_eof(image, geo, t)
+    note_beyond_eof(image, t, geo.cluster_size, "L2 table")
     return t
 
 

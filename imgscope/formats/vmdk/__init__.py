@@ -42,6 +42,7 @@ class VmdkImage(Image):
     def __init__(self, source: Source, **kw) -> None:
         super().__init__(source, **kw)
         self._sources: dict[str, Source] = {str(self.path.resolve()): source}
+        self._by_name: dict[str, Source] = {}
         self._file_list: list[Source] = [source]
         self.extents_list: list[Extent] = []
         self.descriptor: Descriptor | None = None
@@ -89,12 +90,21 @@ class VmdkImage(Image):
         h = ext.header
         text = b""
         if h["descriptorOffset"] and h["descriptorSize"]:
-            size = min(h["descriptorSize"] * SECTOR, MAX_DESCRIPTOR)
-            text = self.source.read_upto(h["descriptorOffset"] * SECTOR, size)
+            d_off, d_len = h["descriptorOffset"] * SECTOR, h["descriptorSize"] * SECTOR
+            if d_off + d_len > self.source.size:
+                self.note("error", "descriptor_beyond_eof", f"embedded descriptor area "
+                          f"{d_off:#x} (+{d_len}) extends past the end of the file",
+                          structure="header.descriptorSize", host_offset=0x24)
+            text = self.source.read_upto(d_off, min(d_len, MAX_DESCRIPTOR))
         desc = parse_descriptor(text, h["descriptorOffset"] * SECTOR) if text.strip(b"\0") else None
         if desc is not None and h["capacity"] == 0 and desc.extents:
             # a descriptor-only KDMV file: its descriptor lists the real extents
             self._use_descriptor(text, h["descriptorOffset"] * SECTOR, self.path.name)
+            for e in self.extents_list:
+                if e.source is self.source:
+                    self.note("error", "extent_is_descriptor",
+                              f"{e.label} names this descriptor-only file itself (capacity 0)",
+                              structure=e.label, host_offset=0x0C)
             return
         ext.length = ext.capacity
         self.extents_list = [ext]
@@ -104,28 +114,25 @@ class VmdkImage(Image):
                       "on its own?); read as one extent", structure="descriptor")
             self.variant = "monolithicSparse"
             return
-        self._adopt_descriptor(desc)
+        self._adopt_descriptor(desc, text, h["descriptorOffset"] * SECTOR)
         self.variant = desc.create_type or ("streamOptimized" if ext.compressed else "monolithicSparse")
 
-    def _adopt_descriptor(self, desc: Descriptor) -> None:
+    def _adopt_descriptor(self, desc: Descriptor, text: bytes, base: int) -> None:
         self.descriptor = desc
+        raw = lambda off, n: text[off - base:off - base + n]
         for p in desc.problems:
             self.note("warning", "descriptor_syntax", f"descriptor line {p[0]}: {p[2]}",
                       structure="descriptor", host_offset=p[1])
         for group, entries in (("descriptor header", desc.header), ("descriptor ddb", desc.ddb)):
             for e in entries:
                 self._field_rows.append(FieldRow(group, e.key, e.offset, e.length,
-                                                 e.raw.encode("utf-8", "surrogateescape"),
-                                                 e.value, e.value, _DESCRIPTIONS.get(e.key, "")))
-        for x in desc.extents:
-            self._field_rows.append(FieldRow("descriptor extents", f"extent line {x.line}",
-                                             x.byte_offset, x.length,
-                                             x.raw.encode("utf-8", "surrogateescape"), x.raw.strip(),
-                                             x.raw.strip(), "access, size in sectors, type, file, offset"))
+                                                 raw(e.offset, e.length), e.value, e.value,
+                                                 _DESCRIPTIONS.get(e.key, "")))
+        # extent lines are rows of tables['extents'] (there may be thousands of them)
 
     def _use_descriptor(self, text: bytes, base: int, name: str) -> None:
         desc = parse_descriptor(text, base)
-        self._adopt_descriptor(desc)
+        self._adopt_descriptor(desc, text, base)
         self.variant = desc.create_type or "custom"
         if not desc.extents:
             self.note("error", "descriptor_no_extents", "descriptor lists no extents",
@@ -139,6 +146,9 @@ class VmdkImage(Image):
 
     def _extent_source(self, name: str, i: int) -> tuple[Source | None, int]:
         from ...io.paths import resolve_named_file
+        if name in self._by_name:                 # many lines naming one file: resolve once
+            src = self._by_name[name]
+            return src, self._file_list.index(src)
         path = resolve_named_file(name.replace("\\", "/"), self.path, self.allow_paths,
                                   f"extent[{i}] file")
         key = str(path)
@@ -153,11 +163,17 @@ class VmdkImage(Image):
             self._sources[key] = src
             self._file_list.append(src)
         src = self._sources[key]
+        self._by_name[name] = src
         return src, self._file_list.index(src)
 
     def _make_extent(self, i: int, line, start: int) -> Extent:
         length = line.sectors * SECTOR
         t = line.type.upper()
+        if start + length >= 1 << 63:
+            self.note("error", "extent_too_large", f"extent[{i}] of {line.sectors} sectors makes the "
+                      "disk larger than 2^63 bytes; it is ignored", structure=f"extent[{i}]",
+                      host_offset=line.byte_offset)
+            return MissingExtent(self, i, t, start, 0, line=line)
         if t == "ZERO":
             return ZeroExtent(self, i, t, start, length, line=line)
         if not line.filename:
@@ -223,13 +239,34 @@ class VmdkImage(Image):
         return list(self._file_list)
 
     def _own_extents(self) -> ExtentTable:
-        from ...io.chain import concat
+        from ...io.chain import concat, mark_host_holes
+        from ...model import KIND_DATA, KIND_ZERO, KIND_UNALLOCATED, NO_HOST
         files = self.files()
+        simple = [e for e in self.extents_list if isinstance(e, (FlatExtent, ZeroExtent, MissingExtent))
+                  and e.length]
         pieces = []
         for ext in self.extents_list:
-            t = ext.table(files)
-            if len(t):
+            if ext.length and not isinstance(ext, (FlatExtent, ZeroExtent, MissingExtent)):
+                t = ext.table(files)
                 pieces.append(t.replace(guest=t.guest + np.uint64(ext.start)))
+        if simple:
+            # flat, zero and missing extents in one table: a descriptor may list thousands
+            n = len(simple)
+            kind = np.array([KIND_DATA if isinstance(e, FlatExtent) else
+                             KIND_ZERO if isinstance(e, ZeroExtent) else KIND_UNALLOCATED
+                             for e in simple], np.uint8)
+            t = ExtentTable(np.array([e.start for e in simple], np.uint64),
+                            np.array([e.length for e in simple], np.uint64), kind,
+                            np.array([e.offset if isinstance(e, FlatExtent) else NO_HOST
+                                      for e in simple], np.uint64),
+                            np.zeros(n, np.uint64),
+                            np.array([e.file_index if isinstance(e, FlatExtent) else -1
+                                      for e in simple], np.int16),
+                            np.zeros(n, np.int16), files)
+            # QEMU asks a flat extent's file: its holes are data *and* zero
+            for fi in np.unique(t.file[t.file >= 0]).tolist():
+                t = mark_host_holes(t, fi)
+            pieces.append(t)
         return concat(pieces, files)
 
     def _host_regions(self) -> list:

@@ -12,7 +12,7 @@ from ...model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED, KIND_
                       NO_HOST, FLAG_RECORD)
 from ...schemas import vmdk as V
 from ...schemas._types import field_layout
-from ..base import coalesce, extent_regions, note_bad_entries, validate_table
+from ..base import coalesce, extent_regions, note_bad_entries, note_beyond_eof, validate_table
 from ..twolevel import run_starts, two_level_map, units_at
 
 SECTOR = 512
@@ -76,11 +76,9 @@ class FlatExtent(Extent):
                             file=str(self.source.path))
 
     def table(self, files):
-        from ...io.chain import mark_host_holes
-        t = ExtentTable.single(self.length, KIND_DATA, files, host=self.offset,
-                               file=self.file_index)
-        # QEMU asks the host file: holes in a flat file are data *and* zero
-        return mark_host_holes(t, self.file_index)
+        # holes of the flat file are flagged by the driver, for all flat extents at once
+        return ExtentTable.single(self.length, KIND_DATA, files, host=self.offset,
+                                  file=self.file_index)
 
     def regions(self):
         return [(self.file_index, self.offset, self.length, "data", f"{self.label} flat data")]
@@ -149,8 +147,10 @@ class GrainExtent(Extent):
         length = np.where(kind == KIND_COMPRESSED, gb, counts * gb).astype(np.uint64)
         file = np.where(host == NO_HOST, -1, self.file_index).astype(np.int16)
         flags = np.where((kind == KIND_COMPRESSED) & record_flag, FLAG_RECORD, 0).astype(np.uint8)
-        return coalesce(guest, length, kind, host, hlen, file, files, codec="zlib",
-                        cluster_size=int(gb), flags=flags)
+        t = coalesce(guest, length, kind, host, hlen, file, files, codec="zlib",
+                     cluster_size=int(gb), flags=flags)
+        note_beyond_eof(self.image, t, int(gb), f"{self.label} grain table")
+        return t
 
 
 class SparseExtent(GrainExtent):
@@ -168,13 +168,15 @@ class SparseExtent(GrainExtent):
         self.check_header(h)
         if h["gdOffset"] == V.GD_AT_END:
             self.read_footer()
+            if self.footer is not None:
+                self.check_header(self.footer)
         h = self.footer or self.header
         self.flags = h["flags"]
         self.compressed = bool(self.flags & V.FLAG_COMPRESSED)
         self.markers = bool(self.flags & V.FLAG_MARKERS)
-        self.grain_sectors = max(1, h["grainSize"])
-        self.per_table = max(1, min(h["numGTEsPerGT"], 1 << 16))
-        self.capacity = h["capacity"] * SECTOR
+        self.grain_sectors = h["grainSize"] if self.usable else V.DEFAULT_GRAIN_SIZE
+        self.per_table = h["numGTEsPerGT"] if self.usable else V.DEFAULT_GTES_PER_GT
+        self.capacity = h["capacity"] * SECTOR if self.usable else 0
         self.cluster_size = self.grain_bytes()
         n = V.num_gd_entries(h["capacity"], self.grain_sectors, self.per_table) if h["capacity"] else 0
         self.gd = self.read_dir(h["gdOffset"], n, "grain directory")
@@ -199,13 +201,21 @@ class SparseExtent(GrainExtent):
             img.note("warning", "unclean_shutdown", f"{self.label}: not closed cleanly",
                      host_offset=0x48, **where)
         gs = h["grainSize"]
+        # a geometry QEMU refuses makes the tables unreadable: the extent reads as unallocated
+        self.usable = True
         if gs < 1 or gs & (gs - 1) or gs > V.QEMU_MAX_GRAIN_SIZE:
             img.note("error", "grain_size_invalid", f"{self.label}: grain size {gs} sectors",
                      host_offset=0x14, **where)
+            self.usable = False
         if not 0 < h["numGTEsPerGT"] <= V.QEMU_MAX_GTES_PER_GT:
             img.note("error", "gtes_per_gt_invalid",
                      f"{self.label}: numGTEsPerGT {h['numGTEsPerGT']}", host_offset=0x2C, **where)
-        if self.line is not None and h["capacity"] and h["capacity"] * SECTOR != self.length:
+            self.usable = False
+        if h["capacity"] * SECTOR >= 1 << 63:
+            img.note("error", "capacity_invalid", f"{self.label}: capacity {h['capacity']} sectors "
+                     "does not fit a 63-bit byte size", host_offset=0x0C, **where)
+            self.usable = False
+        if self.line is not None and h["capacity"] * SECTOR != self.length:
             img.note("error", "extent_size_mismatch",
                      f"{self.label}: descriptor says {self.length // SECTOR} sectors, header "
                      f"capacity {h['capacity']}", host_offset=0x0C, **where)
@@ -232,12 +242,13 @@ class SparseExtent(GrainExtent):
                                         f"{self.label} footer")
 
     def read_dir(self, sector: int, n: int, name: str) -> np.ndarray:
-        if n == 0:
+        """A grain directory, or an empty one (all unallocated) when it cannot be read."""
+        if n == 0 or not self.usable:
             return np.zeros(0, np.uint64)
         off = sector * SECTOR
-        if sector == V.GD_AT_END or not validate_table(self.image, off, n * 4, f"{self.label} {name}",
-                                                       source=self.source):
-            return np.zeros(n, np.uint64)
+        if sector == V.GD_AT_END or off >= 1 << 63 or not validate_table(
+                self.image, off, n * 4, f"{self.label} {name}", source=self.source):
+            return np.zeros(0, np.uint64)
         return V.gd_table(n).parse(self.source.read(off, n * 4, name)).astype(np.uint64)
 
     def parse_gts(self, data: bytes, n: int) -> np.ndarray:
@@ -309,14 +320,19 @@ class CowdExtent(GrainExtent):
         super().__init__(*a, **kw)
         self.header = h = self.parse_header(V.cowd_header, self.source.read(0, 2048, "COWD header"),
                                             0, header_name or f"{self.label} COWD header")
-        self.grain_sectors = max(1, h["grainSize"])
+        self.usable = 0 < h["grainSize"] <= V.QEMU_MAX_GRAIN_SIZE
+        if not self.usable:
+            self.image.note("error", "grain_size_invalid", f"{self.label}: grain size "
+                            f"{h['grainSize']} sectors", structure=self.label, host_offset=16,
+                            file=str(self.source.path))
+        self.grain_sectors = h["grainSize"] if self.usable else 1
         self.cluster_size = self.grain_bytes()
         self.capacity = h["numSectors"] * SECTOR
         if h["uncleanShutdown"]:
             self.image.note("warning", "unclean_shutdown", f"{self.label}: not closed cleanly",
                             structure=self.label, host_offset=1648, file=str(self.source.path))
         n = h["numGDEntries"]
-        if validate_table(self.image, h["gdOffset"] * SECTOR, n * 4, f"{self.label} grain directory",
+        if self.usable and validate_table(self.image, h["gdOffset"] * SECTOR, n * 4, f"{self.label} grain directory",
                           source=self.source):
             self.gd = V.gd_table(n).parse(self.source.read(h["gdOffset"] * SECTOR, n * 4,
                                                            "grain directory")).astype(np.uint64)
@@ -362,9 +378,18 @@ class SeSparseExtent(GrainExtent):
         name = header_name or f"{self.label} seSparse header"
         self.header = h = self.parse_header(V.sesparse_header, self.source.read(0, 512, "seSparse header"),
                                             0, name)
-        self.grain_sectors = max(1, h["grain_size"])
+        self.usable = (h["grain_size"] == V.SESPARSE_GRAIN_SIZE
+                       and h["grain_table_size"] == V.SESPARSE_GRAIN_TABLE_SIZE
+                       and h["capacity"] * SECTOR < 1 << 63)
+        if not self.usable:
+            self.image.note("error", "sesparse_geometry_invalid",
+                            f"{self.label}: grain size {h['grain_size']}, grain table size "
+                            f"{h['grain_table_size']}, capacity {h['capacity']} (QEMU requires 8, "
+                            "64 and a 63-bit size)", structure=self.label, host_offset=16,
+                            file=str(self.source.path))
+        self.grain_sectors = V.SESPARSE_GRAIN_SIZE
         self.cluster_size = self.grain_bytes()
-        self.capacity = h["capacity"] * SECTOR
+        self.capacity = h["capacity"] * SECTOR if self.usable else 0
         vh_off = h["volatile_header_offset"] * SECTOR
         if validate_table(self.image, vh_off, 512, f"{self.label} volatile header", source=self.source):
             vh = self.parse_header(V.sesparse_volatile_header, self.source.read(vh_off, 512, "volatile header"),
@@ -376,7 +401,7 @@ class SeSparseExtent(GrainExtent):
         n = h["grain_dir_size"] * SECTOR // 8
         off = h["grain_dir_offset"] * SECTOR
         self.gd = (V.sesparse_table(n).parse(self.source.read(off, n * 8, "grain directory")).astype(np.uint64)
-                   if validate_table(self.image, off, n * 8, f"{self.label} grain directory",
+                   if self.usable and validate_table(self.image, off, n * 8, f"{self.label} grain directory",
                                      source=self.source)
                    else np.zeros(0, np.uint64))
 

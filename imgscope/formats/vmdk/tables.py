@@ -42,7 +42,7 @@ def _directory(img, attr: str) -> pd.DataFrame:
     parts = []
     for e in img.extents_list:
         d = getattr(e, attr, None)
-        if not isinstance(e, GrainExtent) or d is None:
+        if not isinstance(e, GrainExtent) or d is None or not d.size:
             continue
         h = getattr(e, "footer", None) or e.header
         if isinstance(e, SparseExtent):
