@@ -76,10 +76,16 @@ def cmd_map(args) -> int:
 def _print_frame(df, output: str) -> None:
     import pandas as pd
     df = df.copy()
+    # a table on a terminal shows the first 16 bytes of long fields; csv/json show all
+    short = 16 if output == "table" else None
+
+    def cell(v):
+        if isinstance(v, (bytes, bytearray)):
+            return v.hex() if short is None or len(v) <= short else v[:short].hex() + "..."
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
     for col in df.columns:
         if df[col].dtype == object:
-            df[col] = df[col].map(lambda v: v.hex() if isinstance(v, (bytes, bytearray)) else
-                                  (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)))
+            df[col] = df[col].map(cell)
     if output == "csv":
         df.to_csv(sys.stdout, index=False)
     elif output == "json":

@@ -238,7 +238,7 @@ class Image:
     def regions(self):
         """Host-file layout tiling every file of this layer exactly once."""
         from .analysis.layout import tile_regions
-        return tile_regions(self._host_regions(), [s for s in self.files()])
+        return tile_regions(self._host_regions(), [s for s in self.files()], self.slack_unit)
 
     def open_guest(self):
         """A read-only, seekable binary file over the guest disk."""
@@ -254,6 +254,7 @@ class Image:
 
     dirty = False   # qemu-img info's dirty-flag
     info_complete = True    # False: qemu-img info has no cluster-size / dirty-flag to show
+    slack_unit: int | None = None   # allocation unit whose unused tail is `slack` in regions()
 
     def actual_size(self) -> int:
         """Host bytes allocated to the image file (st_blocks), as qemu-img info counts."""

@@ -3,7 +3,7 @@
 # Deterministic contents (fixed patterns); only timestamps and LUKS salts vary.
 set -euo pipefail
 cd "$(dirname "$0")"
-rm -f demo.qcow2 chain-base.qcow2 chain-top.qcow2 compressed.qcow2 sparse.raw
+rm -f demo.qcow2 chain-base.qcow2 chain-top.qcow2 compressed.qcow2 sparse.raw stream.vmdk sparse.vmdk
 q() { qemu-io -f qcow2 "$@" >/dev/null; }
 
 # demo.qcow2: v3, 16 MiB, data across cluster boundaries, a zero cluster, two snapshots, a bitmap
@@ -27,4 +27,10 @@ qemu-io -f raw -c "write -P 0x5a 0 4k" -c "write -P 0x5b 512k 8k" -c "write -P 0
 
 # compressed.qcow2: zlib-compressed clusters from the raw disk
 qemu-img convert -c -O qcow2 sparse.raw compressed.qcow2
+
+# VMDK: the same raw disk as a streamOptimized file (compressed grains) and a
+# monolithicSparse one with a zero grain (zeroed_grain=on, GTE = 1)
+qemu-img convert -O vmdk -o subformat=streamOptimized sparse.raw stream.vmdk
+qemu-img convert -O vmdk -o zeroed_grain=on sparse.raw sparse.vmdk
+qemu-io -f vmdk -c "write -z 512k 64k" sparse.vmdk >/dev/null
 ls -l

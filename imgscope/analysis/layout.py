@@ -16,13 +16,16 @@ from ..frames import regions_frame, REGION_KINDS
 _MAX = (1 << 64) - 1
 
 
-def tile_regions(structures: list, sources: list):
-    """structures: (file_index, offset, length, kind, owner) tuples or array dicts."""
+def tile_regions(structures: list, sources: list, slack_unit: int | None = None):
+    """structures: (file_index, offset, length, kind, owner) tuples (offset/length may be
+    arrays).  With `slack_unit`, unclaimed bytes between the end of a structure and
+    the next multiple of the unit (a cluster, a sector) are `slack` of that structure,
+    not `unreferenced` space."""
     out_files, out_off, out_len, out_kind, out_owner = [], [], [], [], []
     for fi, src in enumerate(sources):
         items = [s for s in structures if s[0] == fi and np.any(np.asarray(s[2]) > 0)]
         name = str(src.path)
-        o, l, k, w = _tile_one(items, src.size)
+        o, l, k, w = _tile_one(items, src.size, slack_unit)
         out_files += [name] * len(o)
         out_off.append(o)
         out_len.append(l)
@@ -32,7 +35,7 @@ def tile_regions(structures: list, sources: list):
                          np.concatenate(out_len) if out_len else [], out_kind, out_owner)
 
 
-def _tile_one(items: list, file_size: int):
+def _tile_one(items: list, file_size: int, slack_unit: int | None = None):
     kinds_ix = {k: i for i, k in enumerate(REGION_KINDS)}
     starts, ends, kinds, owners = [], [], [], []
     for _, off, length, kind, owner in items:
@@ -84,6 +87,9 @@ def _tile_one(items: list, file_size: int):
     seg_kind = np.where(past & (count > 0), eof_ix, seg_kind)
     keep = ~(past & (count == 0))
     seg_s, seg_e, seg_kind, seg_owner = seg_s[keep], seg_e[keep], seg_kind[keep], seg_owner[keep]
+    if slack_unit and seg_s.size > 1:
+        seg_s, seg_e, seg_kind, seg_owner = _split_slack(seg_s, seg_e, seg_kind, seg_owner,
+                                                          slack_unit, unref_ix, kinds_ix["slack"])
     # merge neighbours with the same kind and owner
     if seg_s.size:
         same = (seg_kind[1:] == seg_kind[:-1]) & (seg_owner[1:] == seg_owner[:-1])
@@ -93,6 +99,28 @@ def _tile_one(items: list, file_size: int):
         seg_kind, seg_owner = seg_kind[first], seg_owner[first]
     return (seg_s, seg_e - seg_s, [REGION_KINDS[i] for i in seg_kind.tolist()],
             [str(o) for o in seg_owner.tolist()])
+
+
+def _split_slack(s, e, k, w, unit, unref, slack):
+    """Cut the head of each unreferenced segment that follows a structure, up to
+    the next unit boundary, into a slack segment owned by that structure."""
+    u = np.uint64(unit)
+    prev_claimed = np.concatenate([[False], k[:-1] != unref])
+    boundary = (s + u - np.uint64(1)) // u * u
+    split = (k == unref) & prev_claimed & (s % u != 0)
+    if not split.any():
+        return s, e, k, w
+    cut = np.minimum(boundary, e)
+    idx = np.flatnonzero(split)
+    # slack piece [s, cut) then the rest [cut, e) stays unreferenced (if any)
+    rest = idx[cut[idx] < e[idx]]
+    new_s = np.concatenate([s, cut[rest]])
+    new_e = np.concatenate([np.where(split, cut, e), e[rest]])
+    new_k = np.concatenate([np.where(split, slack, k), np.full(rest.size, unref)])
+    prev_owner = np.concatenate([[""], w[:-1]]).astype(object)
+    new_w = np.concatenate([np.where(split, prev_owner, w), np.full(rest.size, "", dtype=object)])
+    order = np.argsort(new_s, kind="stable")
+    return new_s[order], new_e[order], new_k[order], new_w[order]
 
 
 def _merge_same_kind(s, e, k, w):

@@ -31,6 +31,7 @@ class Qcow2Image(Image):
         v = hdr.values
         self.variant = f"v{v['version']}"
         self.cluster_size = 1 << v["cluster_bits"]
+        self.slack_unit = self.cluster_size
         self.virtual_size = v["size"]
         self._field_rows = list(hdr.rows)
         incompat = v["incompatible_features"]

@@ -15,18 +15,6 @@ def _l2_regions(image, l1: np.ndarray, owner: str) -> list:
     return [(0, off, np.full(off.size, image.cluster_size, np.uint64), "l2_table", owner)] if off.size else []
 
 
-def _with_slack(regs: list, cs: int, file_size: int) -> list:
-    """Add the unused tail of the last cluster of every single-range structure."""
-    out = list(regs)
-    for fi, off, length, kind, owner in regs:
-        if isinstance(off, np.ndarray) or kind in ("data", "compressed_data", "header"):
-            continue
-        tail = min(-(off + length) % cs, max(0, file_size - (off + length)))
-        if tail > 0 and length:
-            out.append((fi, off + length, tail, "slack", owner))
-    return out
-
-
 def host_regions(image) -> list:
     v = image.header.values
     cs = image.cluster_size
@@ -71,4 +59,4 @@ def host_regions(image) -> list:
     if image.header.crypto_ext:
         ext = image.header.crypto_ext
         regs.append((0, ext["offset"], ext["length"], "crypto_header", "LUKS header"))
-    return _with_slack(regs, cs, image.source.size)
+    return regs

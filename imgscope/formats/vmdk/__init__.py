@@ -38,6 +38,7 @@ def _magic_kind(head: bytes) -> str:
 class VmdkImage(Image):
     format = "vmdk"
     backing_format = "vmdk"      # qemu-img info names it for every VMDK child
+    slack_unit = SECTOR          # structures and stream records are padded to sectors
 
     def __init__(self, source: Source, **kw) -> None:
         super().__init__(source, **kw)
