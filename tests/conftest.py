@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+# the assert_* helpers shared by the oracle tests report like asserts in a test module
+pytest.register_assert_rewrite("checks")
+
 try:  # tests/ is on sys.path (pytest "prepend" import mode, no tests/__init__.py)
     import oracle
 except ImportError:  # pragma: no cover - tests/ turned into a package

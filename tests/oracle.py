@@ -942,14 +942,20 @@ def build_qcow2_corpus(directory, jobs: int | None = None) -> dict[str, Sample]:
     threads (``jobs``, default 4; 1 = sequential).  Data written with ``write -s`` comes
     from ``directory/_payload``.
     """
+    # LUKS first: its key derivation alone takes ~2 s
+    builders = [_build_luks] + [b for b in _BUILDERS if b is not _build_luks]
+    builders.append(lambda r, p: [build_raw_sample(r)])
+    return _run_builders(directory, builders, jobs)
+
+
+def _run_builders(directory, builders, jobs: int | None) -> dict[str, Sample]:
+    """Run ``builder(root, payload)`` for every builder on ``jobs`` threads (default 4;
+    1 = sequential) and return all the samples they made by name (names must be unique)."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = Path(directory).absolute()
     root.mkdir(parents=True, exist_ok=True)
     payload = _Payload(root)
-    # LUKS first: its key derivation alone takes ~2 s
-    builders = [_build_luks] + [b for b in _BUILDERS if b is not _build_luks]
-    builders.append(lambda r, p: [build_raw_sample(r)])
     jobs = jobs or 4
     if jobs == 1:
         results = [b(root, payload) for b in builders]
@@ -1379,21 +1385,4 @@ def build_vmdk_corpus(directory, jobs: int | None = None) -> dict[str, VmdkSampl
     parent and a child whose parent changed after it was made (CID mismatch).  The big
     disks are sparse: the whole corpus takes a few MiB of disk.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    root = Path(directory).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    payload = _Payload(root)
-    jobs = jobs or 4
-    if jobs == 1:
-        results = [b(root, payload) for b in _VMDK_BUILDERS]
-    else:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(lambda b: b(root, payload), _VMDK_BUILDERS))
-    corpus: dict[str, VmdkSample] = {}
-    for group in results:
-        for s in group:
-            if s.name in corpus:
-                raise RuntimeError(f"duplicate sample name {s.name}")
-            corpus[s.name] = s
-    return corpus
+    return _run_builders(directory, _VMDK_BUILDERS, jobs)

@@ -33,6 +33,7 @@ import time
 import traceback
 import tracemalloc
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -272,6 +273,47 @@ def measure(path, fmt="qcow2", *, read_limit=MiB, **open_kw):
             tracemalloc.stop()
         return out, peak
     return run_isolated(body, timeout=150)
+
+
+def _no_problems(out: Outcome, what: str) -> None:
+    assert not out.problems, f"{what}: non-ImageError exceptions:\n" + "\n".join(out.problems)
+
+
+def check_bounded(path, what: str, fmt="qcow2", *, peak_limit: int = PEAK_LIMIT, **open_kw) -> Outcome:
+    """``measure`` the image: the child answers, only ImageErrors are raised, open and use
+    take at most TIME_LIMIT and the tracemalloc peak is at most ``peak_limit``."""
+    res = measure(path, fmt, **open_kw)
+    assert res[0] != "timeout", f"{what}: no answer after {res[1]} s (hang)"
+    assert res[0] != "died", f"{what}: child died (status {res[1]})"
+    assert res[0] == "ok", f"{what}: {res[1]}: {res[2]}\n{res[3]}"
+    out, peak = res[1]
+    _no_problems(out, what)
+    assert out.seconds <= TIME_LIMIT, f"{what}: open and use took {out.seconds:.1f} s"
+    assert peak is not None and peak <= peak_limit, (
+        f"{what}: tracemalloc peak {peak / MiB:.0f} MiB while opening / mapping")
+    return out
+
+
+def read_after_damage(path, fmt: str, guest: int, length: int, *, what: str):
+    """In a child: open, ``extents()``, then read ``length`` guest bytes at ``guest``.
+
+    Returns ([(finding code, host offset or None)], the ImageError type the read raised
+    or None, whether the read returned only zeros).
+    """
+    def body():
+        img = imgscope.open(path, fmt)
+        img.extents()
+        data, read_error = None, None
+        try:
+            with img.open_guest() as g:
+                g.seek(guest)
+                data = g.read(length)
+        except ImageError as exc:
+            read_error = type(exc).__name__
+        f = img.findings
+        return ([(c, None if pd_isna(h) else int(h)) for c, h in zip(f.code, f.host_offset)],
+                read_error, data is not None and not any(data))
+    return isolated_value(body, what=what)
 
 
 # --------------------------------------------------------------------------- qcow2 byte surgery (independent of imgscope)
@@ -679,15 +721,7 @@ def test_header_and_table_pokes(qcow2_corpus, tmp_path, p):
     """One poke, one recorded outcome; bounded memory (tracemalloc) and time."""
     work = oracle.copy_sample(qcow2_corpus[p.sample], tmp_path)
     expect = p.edit(work.path)
-    res = measure(work.path)
-    assert res[0] != "timeout", f"{p.id}: no answer after {res[1]} s (hang)"
-    assert res[0] != "died", f"{p.id}: child died (status {res[1]})"
-    assert res[0] == "ok", f"{p.id}: {res[1]}: {res[2]}\n{res[3]}"
-    out, peak = res[1]
-    assert not out.problems, f"{p.id}: non-ImageError exceptions:\n" + "\n".join(out.problems)
-    assert out.seconds <= TIME_LIMIT, f"{p.id}: open and use took {out.seconds:.1f} s"
-    assert peak is not None and peak <= PEAK_LIMIT, (
-        f"{p.id}: tracemalloc peak {peak / MiB:.0f} MiB while opening / mapping")
+    out = check_bounded(work.path, p.id)
     if out.open_error:
         etype, structure, offset, _path, msg = out.open_error
         assert expect.raises is not None, f"{p.id}: unexpected {etype}: {msg}"
@@ -749,20 +783,8 @@ def test_l2_entry_past_eof_is_not_read_as_silent_zeros(qcow2_corpus, tmp_path):
     l2_index = (off - first_l2(work.path)[1]) // 8
     guest = l2_index * 65536
     poke(work.path, off, ">Q", (1 << 63) | 0x40000000)
-
-    def body():
-        img = imgscope.open(work.path, "qcow2")
-        img.extents()
-        data, read_error = None, None
-        try:
-            with img.open_guest() as g:
-                g.seek(guest)
-                data = g.read(65536)
-        except ImageError as exc:
-            read_error = type(exc).__name__
-        return list(img.findings["code"]), read_error, data is not None and not any(data)
-    codes, read_error, zeros = isolated_value(body, what="l2 entry past eof")
-    assert codes or read_error, (
+    findings, read_error, zeros = read_after_damage(work.path, "qcow2", guest, 65536, what="l2 entry past eof")
+    assert findings or read_error, (
         f"guest cluster at {guest:#x} maps to host 0x40000000 past EOF; read returned "
         f"{'zeros' if zeros else 'data'} and no finding was recorded")
 
@@ -833,6 +855,38 @@ def _hot_ranges(path) -> list[tuple[int, int]]:
     return ranges
 
 
+def mutations(ranges, hows, interesting):
+    """Strategy: one mutation ((start, length), pos, how, value) landing in one of
+    ``ranges`` (see ``mutate``)."""
+    return st.tuples(
+        st.sampled_from(ranges), st.integers(0, 1 << 16), st.sampled_from(hows),
+        st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from(interesting)))
+
+
+def mutate(data: bytearray, m, byteorder: str) -> None:
+    """Apply one mutation of ``mutations``: set a byte, flip a bit, put a decimal
+    digit, or write a u32/u64 (``byteorder``) at a position aligned to its size."""
+    (start, length), pos, how, value = m
+    if how == "byte":
+        data[start + pos % length] = value & 0xFF
+    elif how == "bitflip":
+        data[start + pos % length] ^= 1 << (value % 8)
+    elif how == "digit":       # a plausible text edit: another decimal digit
+        data[start + pos % length] = ord("0") + value % 10
+    else:
+        n = 4 if how == "u32" else 8
+        o = start + (pos % max(1, length // n)) * n
+        data[o:o + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, byteorder)
+
+
+def assert_fuzz_passes(check: Callable[[], None], timeout: float) -> None:
+    """Run a hypothesis test in a forked child (address-space cap): it must pass in time."""
+    res = run_isolated(check, timeout=timeout)
+    assert res[0] != "timeout", f"hypothesis run did not finish in {timeout} s"
+    assert res[0] != "died", f"hypothesis child died: {res}"
+    assert res[0] == "ok", f"{res[1]}: {res[2]}\n{res[3]}"
+
+
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF,
                1 << 62, 1 << 63, 0x200, 0x10000, 0x40000000]
 
@@ -847,25 +901,11 @@ def test_random_metadata_mutations_raise_only_image_errors(fuzz_image, tmp_path)
     original = fuzz_image.read_bytes()
     ranges = _hot_ranges(fuzz_image)
     target = tmp_path / "mutant.qcow2"
+    mutation = mutations(ranges, ["byte", "bitflip", "u32", "u64"], INTERESTING)
+    apply = partial(mutate, byteorder="big")
 
-    mutation = st.tuples(
-        st.sampled_from(ranges), st.integers(0, 1 << 16),
-        st.sampled_from(["byte", "bitflip", "u32", "u64"]),
-        st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from(INTERESTING)))
-
-    def apply(data: bytearray, m) -> None:
-        (start, length), pos, kind, value = m
-        if kind == "byte":
-            o = start + pos % length
-            data[o] = value & 0xFF
-        elif kind == "bitflip":
-            o = start + pos % length
-            data[o] ^= 1 << (value % 8)
-        else:
-            n = 4 if kind == "u32" else 8
-            o = start + (pos % max(1, length // n)) * n
-            data[o:o + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "big")
-
+    # With derandomize=True hypothesis seeds from the source of check, decorators
+    # included: any edit of these lines changes the examples that are run.
     @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate, Phase.shrink],
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
@@ -882,15 +922,7 @@ def test_random_metadata_mutations_raise_only_image_errors(fuzz_image, tmp_path)
             raise AssertionError(f"hang: {exc}") from None
         assert not out.problems, "\n".join(out.problems)
 
-    def body():
-        t0 = time.monotonic()
-        check()
-        return time.monotonic() - t0
-
-    res = run_isolated(body, timeout=300)
-    assert res[0] != "timeout", "hypothesis run did not finish in 300 s"
-    assert res[0] != "died", f"hypothesis child died: {res}"
-    assert res[0] == "ok", f"{res[1]}: {res[2]}\n{res[3]}"
+    assert_fuzz_passes(check, timeout=300)
 
 
 # =========================================================================== confinement
@@ -904,18 +936,25 @@ def _img(cwd: Path, name: str, *args: str, size: str | None = "1M") -> Path:
     return cwd / name
 
 
-@pytest.fixture
-def folders(tmp_path):
+def make_folders(tmp_path) -> tuple[Path, Path, Path]:
     """tmp/case/inner (the image's folder), tmp/case (its parent), tmp/elsewhere."""
-    oracle.require_tools()
     inner = tmp_path / "case" / "inner"
     inner.mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    _img(tmp_path / "case", "outside.qcow2")
-    _img(elsewhere, "abs.qcow2")
-    oracle.qemu_io(tmp_path / "case" / "outside.qcow2", "write -P 0x5a 0 64k")
     return inner, tmp_path / "case", elsewhere
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """``make_folders``, with tmp/case/outside.qcow2 (0x5a in its first 64 KiB) and
+    tmp/elsewhere/abs.qcow2."""
+    oracle.require_tools()
+    inner, parent, elsewhere = make_folders(tmp_path)
+    _img(parent, "outside.qcow2")
+    _img(elsewhere, "abs.qcow2")
+    oracle.qemu_io(parent / "outside.qcow2", "write -P 0x5a 0 64k")
+    return inner, parent, elsewhere
 
 
 def _open_err(path, **kw):

@@ -5,8 +5,6 @@ collects every disagreement, so one run shows all of them.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 
 import numpy as np
@@ -14,22 +12,9 @@ import pytest
 
 import imgscope
 from imgscope.errors import Unsupported
-from imgscope.map import map_entries
 
+import checks
 import oracle
-
-
-def open_named(sample):
-    """Open as the CLI does: names relative to the sample's folder, like qemu's cwd."""
-    from imgscope.cli import _name_chain
-    img = imgscope.open(sample.path, sample.fmt)
-    img.given_name = str(sample.path)
-    _name_chain(img)
-    return img
-
-
-def _info_for_compare(info):
-    return {k: v for k, v in info.items() if k != "actual-size"}
 
 
 def test_corpus_is_broad(qcow2_corpus):
@@ -47,61 +32,24 @@ def test_corpus_is_broad(qcow2_corpus):
 
 
 def test_info_json_matches_qemu(qcow2_corpus):
-    bad = []
-    for name, s in qcow2_corpus.items():
-        theirs = s.info()
-        with open_named(s) as img:
-            mine = img.info()
-        # actual-size is st_blocks of the same file: must be equal too.  qemu names a
-        # LUKS image opened with its secret by a json: string, so filename is skipped there.
-        for key in sorted(set(theirs) | set(mine)):
-            if key == "filename" and s.secret:
-                continue
-            if theirs.get(key) != mine.get(key):
-                bad.append(f"{name}: {key}: imgscope={mine.get(key)!r} qemu={theirs.get(key)!r}")
+    bad = checks.info_differences(qcow2_corpus)
     assert not bad, "\n".join(bad)
 
 
 def test_info_backing_chain_matches_qemu(qcow2_corpus):
-    bad = []
-    for name, s in qcow2_corpus.items():
-        if not s.backing:
-            continue
-        theirs = s.info(backing_chain=True)
-        with open_named(s) as img:
-            mine = img.info(backing_chain=True)
-        if len(theirs) != len(mine):
-            bad.append(f"{name}: chain length {len(mine)} != {len(theirs)}")
-            continue
-        for depth, (a, b) in enumerate(zip(mine, theirs)):
-            for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    bad.append(f"{name}[{depth}]: {key}: {a.get(key)!r} != {b.get(key)!r}")
+    bad = checks.chain_info_differences(qcow2_corpus)
     assert not bad, "\n".join(bad)
 
 
 def test_map_matches_qemu(qcow2_corpus):
-    bad = []
-    for name, s in qcow2_corpus.items():
-        theirs = s.map()
-        with open_named(s) as img:
-            mine = [{k: v for k, v in e.items() if k != "filename"} for e in map_entries(img)]
-        if mine != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
-                         min(len(mine), len(theirs)))
-            bad.append(f"{name}: {len(mine)} vs {len(theirs)} entries; first difference at "
-                       f"{first}: imgscope={mine[first:first + 1]} qemu={theirs[first:first + 1]}")
+    bad = checks.map_differences(qcow2_corpus)
     assert not bad, "\n".join(bad)
 
 
 def test_map_extents_cover_the_disk(qcow2_corpus):
     for name, s in qcow2_corpus.items():
         with imgscope.open(s.path) as img:
-            ext = img.extents()
-            assert ext.guest_offset.iloc[0] == 0, name
-            ends = (ext.guest_offset + ext.length).to_numpy()
-            assert (ends[:-1] == ext.guest_offset.to_numpy()[1:]).all(), name
-            assert int(ends[-1]) == img.virtual_size, name
+            checks.assert_extents_cover_the_disk(img, name)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +60,11 @@ def raw_conversions(qcow2_corpus, tmp_path_factory):
             if not s.secret}
 
 
-def _guest_sha(img) -> str:
-    h = hashlib.sha256()
-    with img.open_guest() as g:
-        while chunk := g.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def test_guest_bytes_equal_qemu_convert(qcow2_corpus, raw_conversions):
     bad = []
     for name, raw in raw_conversions.items():
         with imgscope.open(qcow2_corpus[name].path) as img:
-            if _guest_sha(img) != oracle.sha256_file(raw):
+            if checks.guest_sha(img) != oracle.sha256_file(raw):
                 bad.append(name)
     assert not bad, f"guest SHA-256 differs from qemu-img convert for: {bad}"
 
@@ -169,11 +109,11 @@ def test_snapshot_readers_equal_qemu_convert_l(qcow2_corpus, tmp_path):
             for snap in s.snapshots:
                 raw = s.to_raw(tmp_path / f"{name}-{snap}.raw", snapshot=snap)
                 view = img.snapshot(snap)
-                assert _guest_sha(view) == oracle.sha256_file(raw), f"{name} snapshot {snap}"
+                assert checks.guest_sha(view) == oracle.sha256_file(raw), f"{name} snapshot {snap}"
                 checked += 1
             if s.snapshots:
                 # the snapshots differ from each other and from the active disk
-                shas = {_guest_sha(img.snapshot(x)) for x in s.snapshots} | {_guest_sha(img)}
+                shas = {checks.guest_sha(img.snapshot(x)) for x in s.snapshots} | {checks.guest_sha(img)}
                 assert len(shas) == len(s.snapshots) + 1, name
     assert checked >= 2
 
@@ -183,13 +123,9 @@ def test_regions_tile_every_file_exactly_once(qcow2_corpus):
         with imgscope.open(s.path) as img:
             reg = img.regions()
             for src in img.files():
-                r = reg[reg.file == str(src.path)].sort_values("offset")
-                off, ln = r.offset.to_numpy(), r.length.to_numpy()
-                assert off[0] == 0, name
-                assert (off[1:] == off[:-1] + ln[:-1]).all(), f"{name}: gap or overlap in tiling"
-                assert int(off[-1] + ln[-1]) == src.size, f"{name}: tiling ends at {off[-1] + ln[-1]}"
-                if s.expect_check == 0:
-                    assert not set(r.kind) & {"overlap", "beyond_eof"}, (name, set(r.kind))
+                problems = checks.tiling_problems(checks.file_regions(reg, src), src,
+                                                  odd_kinds=s.expect_check == 0)
+                assert not problems, f"{name}: " + "\n".join(problems)
             kinds = set(reg.kind)
             if s.fmt == "qcow2":
                 assert {"header", "l1_table", "refcount_table", "refcount_block"} <= kinds, name

@@ -24,6 +24,7 @@ import io
 import os
 import shutil
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,9 @@ import imgscope
 from imgscope.errors import ImageError, UnsafePath
 
 import oracle
-from test_qcow2_damaged import (PEAK_LIMIT, TIME_LIMIT, Outcome, _Alarm, alarm, examine,
-                                isolated_value, measure, run_isolated)
+from test_qcow2_damaged import (TIME_LIMIT, Outcome, _Alarm, _no_problems, _open_err, alarm,
+                                assert_fuzz_passes, check_bounded, examine, isolated_value,
+                                make_folders, mutate, mutations, poke, read_after_damage)
 
 KiB, MiB, GiB = oracle.KiB, oracle.MiB, oracle.GiB
 GRAIN = oracle.GRAIN
@@ -50,12 +52,6 @@ def grain_entries(path) -> list[tuple[int, int]]:
     """(file offset of the GT entry, grain sector) of every allocated primary GT entry."""
     t = kdmv_tables(path)
     return [(s * 512 + 4 * i, v) for s, ents in t["gts"].items() for i, v in enumerate(ents) if v > 1]
-
-
-def poke(path, offset: int, fmt: str, value) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
 
 
 def rewrite_descriptor(path, edit) -> str:
@@ -83,10 +79,6 @@ def _warm(vmdk_corpus):
         assert not out.problems and out.open_error is None, (name, out)
     with contextlib.redirect_stdout(io.StringIO()):
         from imgscope import cli  # noqa: F401
-
-
-def _no_problems(out: Outcome, what: str) -> None:
-    assert not out.problems, f"{what}: non-ImageError exceptions:\n" + "\n".join(out.problems)
 
 
 # =========================================================================== missing files
@@ -129,20 +121,7 @@ def test_missing_extent_data_is_not_silent(vmdk_corpus, tmp_path):
 def folders(tmp_path):
     """tmp/case/inner (the image's folder), tmp/case (its parent), tmp/elsewhere."""
     oracle.require_tools()
-    inner = tmp_path / "case" / "inner"
-    inner.mkdir(parents=True)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    return inner, tmp_path / "case", elsewhere
-
-
-def _open_err(path, **kw):
-    try:
-        img = imgscope.open(path, **kw)
-    except ImageError as exc:
-        return exc
-    img.close()
-    return None
+    return make_folders(tmp_path)
 
 
 def _flat_with_data(folder: Path, name: str) -> Path:
@@ -225,21 +204,7 @@ def test_grain_table_entry_beyond_eof_is_reported(vmdk_corpus, tmp_path):
     guest = (gd_index * 512 + index) * GRAIN
     new = 0x100000                                     # sector 2^20 = 512 MiB, file is < 2 MiB
     poke(path, entry, "<I", new)
-
-    def body():
-        img = imgscope.open(path, "vmdk")
-        img.extents()
-        data, read_error = None, None
-        try:
-            with img.open_guest() as g:
-                g.seek(guest)
-                data = g.read(GRAIN)
-        except ImageError as exc:
-            read_error = type(exc).__name__
-        f = img.findings
-        return ([(c, None if h is None or h != h else int(h)) for c, h in zip(f.code, f.host_offset)],
-                read_error, data is not None and not any(data))
-    findings, read_error, zeros = isolated_value(body, what="GT entry past EOF")
+    findings, read_error, zeros = read_after_damage(path, "vmdk", guest, GRAIN, what="GT entry past EOF")
     named = [c for c, h in findings if h in (entry, new * 512)]
     assert named or read_error, (
         f"GT entry at {entry:#x} (guest {guest:#x}) points at sector {new:#x} past EOF; the read "
@@ -468,24 +433,11 @@ def test_random_mutations_of_the_first_64k_raise_only_image_errors(fuzz_images, 
     original = fuzz_images[kind].read_bytes()
     ranges = _hot_ranges(fuzz_images[kind])
     target = tmp_path / "mutant.vmdk"
-    mutation = st.tuples(
-        st.sampled_from(ranges), st.integers(0, 1 << 16),
-        st.sampled_from(["byte", "bitflip", "u32", "u64", "digit"]),
-        st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from(INTERESTING)))
+    mutation = mutations(ranges, ["byte", "bitflip", "u32", "u64", "digit"], INTERESTING)
+    apply = partial(mutate, byteorder="little")
 
-    def apply(data: bytearray, m) -> None:
-        (start, length), pos, how, value = m
-        if how == "byte":
-            data[start + pos % length] = value & 0xFF
-        elif how == "bitflip":
-            data[start + pos % length] ^= 1 << (value % 8)
-        elif how == "digit":       # a plausible descriptor edit: another decimal digit
-            data[start + pos % length] = ord("0") + value % 10
-        else:
-            n = 4 if how == "u32" else 8
-            o = start + (pos % max(1, length // n)) * n
-            data[o:o + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
-
+    # With derandomize=True hypothesis seeds from the source of check, decorators
+    # included: any edit of these lines changes the examples that are run.
     @settings(max_examples=150, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate, Phase.shrink],
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
@@ -502,10 +454,7 @@ def test_random_mutations_of_the_first_64k_raise_only_image_errors(fuzz_images, 
             raise AssertionError(f"hang: {exc}") from None
         assert not out.problems, "\n".join(out.problems)
 
-    res = run_isolated(check, timeout=120)
-    assert res[0] != "timeout", "hypothesis run did not finish in 120 s"
-    assert res[0] != "died", f"hypothesis child died: {res}"
-    assert res[0] == "ok", f"{res[1]}: {res[2]}\n{res[3]}"
+    assert_fuzz_passes(check, timeout=120)
 
 
 # =========================================================================== size bombs
@@ -524,23 +473,10 @@ def _descriptor(path: Path, lines, create_type="custom") -> Path:
     return path
 
 
-def _check_bounded(path, what, fmt="vmdk", peak_limit=None, **kw):
-    res = measure(path, fmt, **kw)
-    assert res[0] != "timeout", f"{what}: no answer after {res[1]} s (hang)"
-    assert res[0] != "died", f"{what}: child died (status {res[1]})"
-    assert res[0] == "ok", f"{what}: {res[1]}: {res[2]}\n{res[3]}"
-    out, peak = res[1]
-    _no_problems(out, what)
-    assert out.seconds <= TIME_LIMIT, f"{what}: open and use took {out.seconds:.1f} s"
-    limit = PEAK_LIMIT if peak_limit is None else peak_limit
-    assert peak is not None and peak <= limit, f"{what}: tracemalloc peak {peak / MiB:.0f} MiB"
-    return out
-
-
 def test_million_extent_lines(tmp_path):
     """10^6 ZERO extent lines (10 MB of descriptor): a clean error or a bounded open."""
     p = _descriptor(tmp_path / "many.vmdk", ("RW 1 ZERO\n" for _ in range(10 ** 6)))
-    out = _check_bounded(p, "10^6 extent lines")
+    out = check_bounded(p, "10^6 extent lines", "vmdk")
     if out.open_error is None:
         assert out.codes, "a 10 MB descriptor opened without any finding"
 
@@ -555,7 +491,7 @@ def test_many_extent_lines_within_a_megabyte(tmp_path):
     # Every extent line is an object of the model (about 2 KiB with its table rows and
     # frames); the 1 MiB descriptor cap bounds a descriptor to ~70 000 lines, so memory is
     # bounded by the cap, not by anything the file claims.
-    out = _check_bounded(p, "60 000 extent lines", peak_limit=192 * MiB)
+    out = check_bounded(p, "60 000 extent lines", "vmdk", peak_limit=192 * MiB)
     assert out.open_error is None, out.open_error
 
 
@@ -600,6 +536,6 @@ def test_huge_sizes_are_bounded(vmdk_corpus, tmp_path, case):
     """Absurd capacities / grain geometry: bounded memory (tracemalloc) and time; a
     clean ImageError or an opened model with findings."""
     p = _huge_case(case, vmdk_corpus, tmp_path)
-    out = _check_bounded(p, case[0])
+    out = check_bounded(p, case[0], "vmdk")
     if out.open_error is None and case[0].startswith(("kdmv", "sparse", "flat")):
         assert out.codes, f"{case[0]}: opened without any finding"

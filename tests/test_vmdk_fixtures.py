@@ -19,7 +19,6 @@ expected bytes alone, and the test asserts what qemu-img does instead (see the
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import random
@@ -30,8 +29,8 @@ import numpy as np
 import pytest
 
 import imgscope
-from imgscope.map import map_entries
 
+import checks
 import oracle
 
 _BUILDER = Path(__file__).resolve().parents[1] / "sample_images" / "make_vmdk_fixtures.py"
@@ -72,23 +71,11 @@ def qemu_info(path: Path, chain: bool = False):
 
 def open_named(path: Path):
     """Open as the CLI does when given the relative name qemu was given."""
-    from imgscope.cli import _name_chain
-    img = imgscope.open(path)
-    img.given_name = path.name
-    _name_chain(img)
-    return img
+    return checks.open_named(path, given_name=path.name)
 
 
 def sha(path) -> str:
     return oracle.sha256_file(path)
-
-
-def guest_sha(img) -> str:
-    h = hashlib.sha256()
-    with img.open_guest() as g:
-        while chunk := g.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def expected(built, name) -> Path:
@@ -124,7 +111,7 @@ def test_imgscope_reads_the_expected_bytes(built, name):
     # oracle: qemu-img cannot open them, or reads a different disk
     with imgscope.open(built[name]) as img:
         assert img.virtual_size == expected(built, name).stat().st_size
-        assert guest_sha(img) == sha(expected(built, name))
+        assert checks.guest_sha(img) == sha(expected(built, name))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -149,12 +136,7 @@ def test_reads_across_grain_and_extent_boundaries(built, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_extents_cover_the_disk(built, name):
     with imgscope.open(built[name]) as img:
-        ext = img.extents()
-        starts = ext.guest_offset.to_numpy()
-        ends = (ext.guest_offset + ext.length).to_numpy()
-        assert starts[0] == 0
-        assert (ends[:-1] == starts[1:]).all(), "gap or overlap in the guest map"
-        assert int(ends[-1]) == img.virtual_size
+        checks.assert_extents_cover_the_disk(img, name)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -162,21 +144,15 @@ def test_regions_tile_every_file(built, name):
     with imgscope.open(built[name]) as img:
         reg = img.regions()
         for src in img.files():
-            r = reg[reg.file == str(src.path)].sort_values("offset")
-            off, ln = r.offset.to_numpy(), r.length.to_numpy()
-            assert len(r), f"{src.path.name}: no regions"
-            assert off[0] == 0, src.path.name
-            assert (off[1:] == off[:-1] + ln[:-1]).all(), f"{src.path.name}: gap or overlap"
-            assert int(off[-1] + ln[-1]) == src.size, src.path.name
-            bad = set(r.kind) & {"overlap", "beyond_eof"}
-            assert not bad, (src.path.name, r[r.kind.isin(bad)].to_string())
+            problems = checks.tiling_problems(checks.file_regions(reg, src), src)
+            assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_no_error_findings(built, name):
     with imgscope.open(built[name]) as img:
         img.extents(), img.regions()
-        guest_sha(img)
+        checks.guest_sha(img)
         f = img.findings
         errors = f[f.severity.isin(["error", "critical"])]
         assert errors.empty, errors[["code", "message"]].to_string()
@@ -191,10 +167,9 @@ def test_map_matches_qemu(built, name):
     via = fx.FIXTURES[name].get("oracle_via", name)
     theirs = qemu_map(built[via])
     with open_named(built[name]) as img:
-        mine = [{k: v for k, v in e.items() if k != "filename"} for e in map_entries(img)]
+        mine = checks.map_view(img)
     if mine != theirs:
-        first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
-                     min(len(mine), len(theirs)))
+        first = checks.first_difference(mine, theirs)
         pytest.fail(f"{len(mine)} vs {len(theirs)} entries; first difference at {first}:\n"
                     f"imgscope={mine[first:first + 2]}\nqemu    ={theirs[first:first + 2]}")
 
@@ -204,8 +179,7 @@ def test_info_matches_qemu(built, name):
     theirs = qemu_info(built[name])
     with open_named(built[name]) as img:
         mine = img.info()
-    diff = [f"{k}: imgscope={mine.get(k)!r} qemu={theirs.get(k)!r}"
-            for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    diff = checks.differences(mine, theirs)
     assert not diff, "\n".join(diff)
 
 
@@ -215,9 +189,7 @@ def test_info_backing_chain_matches_qemu(built, name):
     with open_named(built[name]) as img:
         mine = img.info(backing_chain=True)
     assert len(mine) == len(theirs) == 2
-    diff = [f"[{i}] {k}: imgscope={a.get(k)!r} qemu={b.get(k)!r}"
-            for i, (a, b) in enumerate(zip(mine, theirs))
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff = checks.chain_differences(mine, theirs)
     assert not diff, "\n".join(diff)
 
 

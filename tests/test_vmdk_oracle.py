@@ -9,7 +9,6 @@ all of them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -22,22 +21,13 @@ import numpy as np
 import pytest
 
 import imgscope
-from imgscope.map import map_entries
 
+import checks
 import oracle
 
 GRAIN, GT_SPAN = oracle.GRAIN, oracle.GT_SPAN
 SUBFORMATS = {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
               "streamOptimized"}
-
-
-def open_named(sample):
-    """Open as the CLI does: names relative to the sample's folder, like qemu's cwd."""
-    from imgscope.cli import _name_chain
-    img = imgscope.open(sample.path, "vmdk")
-    img.given_name = str(sample.path)
-    _name_chain(img)
-    return img
 
 
 def _u32(path, offsets) -> np.ndarray:
@@ -98,46 +88,17 @@ def test_cid_mismatch_sample_is_what_it_claims(vmdk_corpus, tmp_path):
 
 
 def test_info_json_matches_qemu(vmdk_corpus):
-    bad = []
-    for name, s in vmdk_corpus.items():
-        theirs = s.info()
-        with open_named(s) as img:
-            mine = img.info()
-        for key in sorted(set(theirs) | set(mine)):
-            if theirs.get(key) != mine.get(key):
-                bad.append(f"{name}: {key}: imgscope={mine.get(key)!r} qemu={theirs.get(key)!r}")
+    bad = checks.info_differences(vmdk_corpus)
     assert not bad, "\n".join(bad)
 
 
 def test_info_backing_chain_matches_qemu(vmdk_corpus):
-    bad = []
-    for name, s in vmdk_corpus.items():
-        if not s.backing:
-            continue
-        theirs = s.info(backing_chain=True)
-        with open_named(s) as img:
-            mine = img.info(backing_chain=True)
-        if len(theirs) != len(mine):
-            bad.append(f"{name}: chain length {len(mine)} != {len(theirs)}")
-            continue
-        for depth, (a, b) in enumerate(zip(mine, theirs)):
-            for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    bad.append(f"{name}[{depth}]: {key}: imgscope={a.get(key)!r} qemu={b.get(key)!r}")
+    bad = checks.chain_info_differences(vmdk_corpus)
     assert not bad, "\n".join(bad)
 
 
 def test_map_matches_qemu(vmdk_corpus):
-    bad = []
-    for name, s in vmdk_corpus.items():
-        theirs = s.map()
-        with open_named(s) as img:
-            mine = [{k: v for k, v in e.items() if k != "filename"} for e in map_entries(img)]
-        if mine != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
-                         min(len(mine), len(theirs)))
-            bad.append(f"{name}: {len(mine)} vs {len(theirs)} entries; first difference at "
-                       f"{first}: imgscope={mine[first:first + 1]} qemu={theirs[first:first + 1]}")
+    bad = checks.map_differences(vmdk_corpus)
     assert not bad, "\n".join(bad)
 
 
@@ -145,11 +106,7 @@ def test_map_extents_cover_the_disk(vmdk_corpus):
     for name, s in vmdk_corpus.items():
         with imgscope.open(s.path) as img:
             assert img.virtual_size == s.virtual_size, name
-            ext = img.extents()
-            assert ext.guest_offset.iloc[0] == 0, name
-            ends = (ext.guest_offset + ext.length).to_numpy()
-            assert (ends[:-1] == ext.guest_offset.to_numpy()[1:]).all(), name
-            assert int(ends[-1]) == img.virtual_size, name
+            checks.assert_extents_cover_the_disk(img, name)
 
 
 # =========================================================================== guest bytes
@@ -160,14 +117,6 @@ def raw_conversions(vmdk_corpus, tmp_path_factory):
     """qemu-img convert -O raw of every sample qemu can read (sparse output files)."""
     out = tmp_path_factory.mktemp("vmdk_raw")
     return {name: s.to_raw(out / f"{name}.raw") for name, s in vmdk_corpus.items() if s.qemu_reads}
-
-
-def _guest_sha(img) -> str:
-    h = hashlib.sha256()
-    with img.open_guest() as g:
-        while chunk := g.read(32 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_difference(img, raw) -> int | None:
@@ -200,7 +149,7 @@ def test_guest_bytes_equal_qemu_convert(vmdk_corpus, raw_conversions):
                 if img.virtual_size > SHA_LIMIT:
                     at = _first_difference(img, raw)
                     return None if at is None else f"{name}: first difference at guest offset {at:#x}"
-                if _guest_sha(img) != oracle.sha256_file(raw):
+                if checks.guest_sha(img, 32 << 20) != oracle.sha256_file(raw):
                     return f"{name}: SHA-256 differs (first difference at {_first_difference(img, raw):#x})"
         except imgscope.ImageError as exc:
             return f"{name}: {type(exc).__name__}: {exc}"
@@ -268,21 +217,10 @@ def test_regions_tile_every_file_exactly_once(vmdk_corpus):
             if {str(os.path.realpath(n)) for n in names} != expected:
                 bad.append(f"{name}: files {sorted(names)} != {sorted(expected)}")
             for src in files:
-                r = reg[reg.file == str(src.path)].sort_values("offset")
+                r = checks.file_regions(reg, src)
+                bad += [f"{name}: {p}" for p in checks.tiling_problems(r, src)]
                 if not len(r):
-                    bad.append(f"{name}: no regions for {src.path.name}")
                     continue
-                off, ln = r.offset.to_numpy(), r.length.to_numpy()
-                if off[0] != 0:
-                    bad.append(f"{name}: {src.path.name}: tiling starts at {off[0]}")
-                if not (off[1:] == off[:-1] + ln[:-1]).all():
-                    bad.append(f"{name}: {src.path.name}: gap or overlap in tiling")
-                if int(off[-1] + ln[-1]) != src.size:
-                    bad.append(f"{name}: {src.path.name}: tiling ends at {off[-1] + ln[-1]}, "
-                               f"file size {src.size}")
-                odd = set(r.kind) & {"overlap", "beyond_eof"}
-                if odd:
-                    bad.append(f"{name}: {src.path.name}: {odd}")
                 with open(src.path, "rb") as fh:
                     magic = fh.read(4)
                 if magic == b"KDMV":
