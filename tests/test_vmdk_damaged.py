@@ -539,3 +539,41 @@ def test_huge_sizes_are_bounded(vmdk_corpus, tmp_path, case):
     out = check_bounded(p, case[0], "vmdk")
     if out.open_error is None and case[0].startswith(("kdmv", "sparse", "flat")):
         assert out.codes, f"{case[0]}: opened without any finding"
+
+
+_LINE = st.one_of(
+    st.sampled_from(["RW", "RDONLY", "NOACCESS", "rw", "", "XX"]).flatmap(
+        lambda acc: st.tuples(st.just(acc),
+                              st.one_of(st.integers(0, 1 << 70).map(str), st.text("0123456789abcx-", max_size=6)),
+                              st.sampled_from(["FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "SESPARSE",
+                                               "VMFSRDM", "bogus", ""]),
+                              st.sampled_from(['"d.raw"', '"missing.vmdk"', '"../x"', '"/etc/passwd"',
+                                               '"json:{}"', "d.raw", '"', ""]),
+                              st.one_of(st.integers(0, 1 << 66).map(str), st.sampled_from(["", "x", "-1"])))
+        .map(lambda t: " ".join(t) + "\n")),
+    st.text(max_size=40).map(lambda s: s.replace("\0", "") + "\n"),
+    st.sampled_from(['createType="vmfsSparse"\n', 'parentFileNameHint="d.raw"\n', "CID=zz\n",
+                     'parentFileNameHint="../up.vmdk"\n', "version=\n", "ddb.x\n"]))
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_LINE, max_size=12))
+def test_random_descriptor_lines_raise_only_image_errors(tmp_path, lines):
+    """Descriptor text from a loose grammar: opening and using it raises only ImageError."""
+    (tmp_path / "d.raw").write_bytes(b"\x5a" * 8192)
+    path = tmp_path / "r.vmdk"
+    path.write_text("# Disk DescriptorFile\nversion=1\nCID=12345678\n" + "".join(lines),
+                    errors="surrogateescape")
+    try:
+        img = imgscope.open(path, "vmdk")
+    except ImageError:
+        return
+    with img:
+        for stage in (img.extents, img.regions, lambda: img.fields, img.info,
+                      lambda: [img.tables[n] for n in img.tables],
+                      lambda: img.open_guest().read(1 << 16)):
+            try:
+                stage()
+            except ImageError:
+                pass

@@ -168,8 +168,13 @@ class VmdkImage(Image):
         return src, self._file_list.index(src)
 
     def _make_extent(self, i: int, line, start: int) -> Extent:
+        t = (line.type or "").upper()
+        if line.sectors is None:
+            self.note("error", "extent_line_invalid", f"extent[{i}] line {line.line} has no "
+                      f"decimal size: {line.raw.strip()!r}; it is ignored",
+                      structure=f"extent[{i}]", host_offset=line.byte_offset)
+            return MissingExtent(self, i, t, start, 0, line=line)
         length = line.sectors * SECTOR
-        t = line.type.upper()
         if start + length >= 1 << 63:
             self.note("error", "extent_too_large", f"extent[{i}] of {line.sectors} sectors makes the "
                       "disk larger than 2^63 bytes; it is ignored", structure=f"extent[{i}]",
@@ -186,6 +191,10 @@ class VmdkImage(Image):
             return MissingExtent(self, i, t, start, length, line=line)
         kw = dict(source=src, file_index=fi, line=line)
         if t in FLAT_TYPES:
+            if line.offset is None and t == "FLAT":
+                self.note("warning", "flat_offset_missing", f"extent[{i}] FLAT line has no "
+                          "decimal offset; 0 is assumed (QEMU refuses it)",
+                          structure=f"extent[{i}]", host_offset=line.byte_offset)
             return FlatExtent(self, i, t, start, length, offset=(line.offset or 0) * SECTOR, **kw)
         if t in SPARSE_TYPES:
             kind = _magic_kind(src.read_upto(0, 8))
