@@ -101,24 +101,8 @@ class ExtentTable:
         return cls(z, z.copy(), np.zeros(0, np.uint8), z.copy(), z.copy(),
                    np.zeros(0, np.int16), np.zeros(0, np.int16), list(files or []))
 
-    @classmethod
-    def single(cls, length: int, kind: int, files=None, host: int | None = None,
-               file: int = -1) -> "ExtentTable":
-        t = cls.empty(files)
-        if length <= 0:
-            return t
-        return cls(np.array([0], np.uint64), np.array([length], np.uint64),
-                   np.array([kind], np.uint8),
-                   np.array([NO_HOST if host is None else host], np.uint64),
-                   np.zeros(1, np.uint64), np.array([file], np.int16),
-                   np.zeros(1, np.int16), t.files)
-
     def take(self, mask_or_index) -> "ExtentTable":
         return self.replace(**{n: getattr(self, n)[mask_or_index] for n in self.ARRAYS})
-
-    @property
-    def end(self) -> int:
-        return int(self.guest[-1] + self.length[-1]) if len(self) else 0
 
 
 class Image:

@@ -90,11 +90,6 @@ class Source:
             length -= len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def read_array(self, offset: int, count: int, dtype, structure: str) -> np.ndarray:
-        """A table of `count` entries as a numpy array (one read)."""
-        dt = np.dtype(dtype)
-        return np.frombuffer(self.read(offset, count * dt.itemsize, structure), dtype=dt)
-
     def gather(self, offsets: np.ndarray, width: int) -> np.ndarray:
         """`width` bytes at each offset as an (n, width) uint8 array, in one pass.
 

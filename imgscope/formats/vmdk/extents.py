@@ -38,7 +38,10 @@ class Extent:
         return f"extent[{self.index}]"
 
     def table(self, files: list) -> ExtentTable:
-        return ExtentTable.single(self.length, KIND_UNALLOCATED, files)
+        """This extent's runs in local coordinates.  Flat, zero and missing extents
+        are tabulated by the driver for all of them at once (a descriptor may list
+        thousands), so only the sparse kinds implement this."""
+        raise NotImplementedError
 
     def regions(self) -> list:
         return []
@@ -49,9 +52,6 @@ class Extent:
 
 class ZeroExtent(Extent):
     kind = "zero"
-
-    def table(self, files):
-        return ExtentTable.single(self.length, KIND_ZERO, files)
 
 
 class MissingExtent(Extent):
@@ -74,11 +74,6 @@ class FlatExtent(Extent):
                             f"{self.source.size} bytes, {need} needed",
                             structure=self.label, host_offset=self.source.size,
                             file=str(self.source.path))
-
-    def table(self, files):
-        # holes of the flat file are flagged by the driver, for all flat extents at once
-        return ExtentTable.single(self.length, KIND_DATA, files, host=self.offset,
-                                  file=self.file_index)
 
     def regions(self):
         return [(self.file_index, self.offset, self.length, "data", f"{self.label} flat data")]
