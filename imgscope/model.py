@@ -101,6 +101,18 @@ class ExtentTable:
         return cls(z, z.copy(), np.zeros(0, np.uint8), z.copy(), z.copy(),
                    np.zeros(0, np.int16), np.zeros(0, np.int16), list(files or []))
 
+    @classmethod
+    def run(cls, start: int, length: int, kind: int, files=None, host: int | None = None,
+            file: int = -1) -> "ExtentTable":
+        """A table of one run (empty when length <= 0)."""
+        if length <= 0:
+            return cls.empty(files)
+        return cls(np.array([start], np.uint64), np.array([length], np.uint64),
+                   np.array([kind], np.uint8),
+                   np.array([NO_HOST if host is None else host], np.uint64),
+                   np.zeros(1, np.uint64), np.array([file], np.int16),
+                   np.zeros(1, np.int16), list(files or []))
+
     def take(self, mask_or_index) -> "ExtentTable":
         return self.replace(**{n: getattr(self, n)[mask_or_index] for n in self.ARRAYS})
 

@@ -154,16 +154,16 @@ def test_raw_extents_follow_seek_data(raw_sample):
 
 
 def test_probe_and_unsupported_format(tmp_path):
-    vdi = tmp_path / "x.vdi"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(vdi), "1M"], check=True)
-    assert imgscope.probe(vdi)[0].format == "vdi"
-    with pytest.raises(Unsupported, match="vdi"):
-        imgscope.open(vdi)
+    vhdx = tmp_path / "x.vhdx"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", str(vhdx), "1M"], check=True)
+    assert imgscope.probe(vhdx)[0].format == "vhdx"
+    with pytest.raises(Unsupported, match="vhdx"):
+        imgscope.open(vhdx)
     with pytest.raises(UnknownFormat):
-        imgscope.open(vdi, "nonsense")
+        imgscope.open(vhdx, "nonsense")
     # -f raw is always possible
-    with imgscope.open(vdi, "raw") as img:
-        assert img.virtual_size == vdi.stat().st_size
+    with imgscope.open(vhdx, "raw") as img:
+        assert img.virtual_size == vhdx.stat().st_size
 
 
 def test_html_card_is_escaped(qcow2_corpus, tmp_path):

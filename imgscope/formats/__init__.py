@@ -16,6 +16,8 @@ DRIVERS = {
     "raw": "imgscope.formats.raw:RawImage",
     "qcow2": "imgscope.formats.qcow2:Qcow2Image",
     "vmdk": "imgscope.formats.vmdk:VmdkImage",
+    "vpc": "imgscope.formats.vhd:VhdImage",
+    "vdi": "imgscope.formats.vdi:VdiImage",
 }
 ALIASES = {"vhd": "vpc", "qcow1": "qcow", "lvm": "lvm2", "file": "raw"}
 KNOWN_FORMATS = ("raw", "qcow2", "qcow", "cow", "vmdk", "vdi", "vpc", "vhdx",
