@@ -64,11 +64,9 @@ def extents_frame(table, layer_paths: list[str] | None = None) -> pd.DataFrame:
     n = len(table)
     file_names = [str(s.path) for s in table.files]
     fidx = table.file.astype(np.int64)
-    file_col = pd.Categorical.from_codes(np.where(fidx >= 0, fidx, -1),
-                                         categories=pd.Index(list(dict.fromkeys(file_names)))
-                                         if len(set(file_names)) == len(file_names) else
-                                         pd.Index(file_names)) if n and file_names else \
-        pd.Categorical([None] * n)
+    # file paths are unique per table (chains never repeat a file; VMDK dedups extents)
+    file_col = (pd.Categorical.from_codes(fidx, categories=file_names) if n and file_names
+                else pd.Categorical([None] * n))
     codec = np.where(table.kind == KIND_COMPRESSED, table.codec, "none")
     layers = layer_paths or []
     depth = table.depth.astype(np.int64)

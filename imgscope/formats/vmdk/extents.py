@@ -89,6 +89,12 @@ class GrainExtent(Extent):
     def grain_bytes(self) -> int:
         return self.grain_sectors * SECTOR
 
+    def table(self, files) -> ExtentTable:
+        """The walk is done once: extents() and regions() both need it."""
+        if getattr(self, "_table", None) is None:
+            self._table = self.build_table(files)
+        return self._table
+
     def grain_regions(self, files) -> list:
         """Host ranges of this extent's grains (stream records include their 12-byte header)."""
         regs = extent_regions(self.table(files), f"{self.label} grains")
@@ -249,7 +255,7 @@ class SparseExtent(GrainExtent):
     def parse_gts(self, data: bytes, n: int) -> np.ndarray:
         return V.gt_table(n * self.per_table).parse(data).astype(np.uint64).reshape(n, self.per_table)
 
-    def table(self, files) -> ExtentTable:
+    def build_table(self, files) -> ExtentTable:
         directory = self.validated_directory(self.gd * np.uint64(SECTOR), f"{self.label} grain directory")
         return self.walk(files, directory, self.parse_gts, lambda e, first, _tables: self.classify(files, e, first))
 
@@ -337,7 +343,7 @@ class CowdExtent(GrainExtent):
     def parse_gts(self, data, n):
         return V.gt_table(n * self.per_table).parse(data).astype(np.uint64).reshape(n, self.per_table)
 
-    def table(self, files):
+    def build_table(self, files):
         directory = self.validated_directory(self.gd * np.uint64(SECTOR), f"{self.label} grain directory")
 
         def classify(e, first, _tables):
@@ -403,7 +409,7 @@ class SeSparseExtent(GrainExtent):
     def parse_gts(self, data, n):
         return V.sesparse_table(n * self.per_table).parse(data).astype(np.uint64).reshape(n, self.per_table)
 
-    def table(self, files):
+    def build_table(self, files):
         h = self.header
         allocated, index = V.decode_sesparse_gd(self.gd)
         gt_sector = np.uint64(h["grain_tables_offset"]) + index * np.uint64(h["grain_table_size"])
