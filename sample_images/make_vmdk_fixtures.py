@@ -225,12 +225,18 @@ def build_base(d: Path) -> Disk:
     # qemu-io gave the base a random CID on its first write: pin it (same length:
     # the NUL padding qemu added to 512 bytes keeps the file size)
     desc = d / "base.vmdk"
-    raw = desc.read_bytes()
-    new = re.sub(rb"^CID=[0-9a-fA-F]+\n", b"CID=%x\n" % CID_BASE, raw, count=1, flags=re.M)
-    text = new.rstrip(b"\0")
-    new = text + bytes(max(0, len(raw) - len(text)))
-    desc.write_bytes(new)
+    desc.write_bytes(pin_cid(desc.read_bytes(), CID_BASE))
     return disk
+
+
+def pin_cid(raw: bytes, cid: int) -> bytes:
+    """The descriptor block with CID set to ``cid``, same length, NUL-padded.
+
+    qemu leaves stale bytes after the descriptor's NUL when the CID it wrote was
+    shorter than the one before, so only the text up to the first NUL is kept."""
+    text = raw.split(b"\0", 1)[0]
+    text = re.sub(rb"^CID=[0-9a-fA-F]+\n", b"CID=%x\n" % cid, text, count=1, flags=re.M)
+    return text + bytes(max(0, len(raw) - len(text)))
 
 
 # ---------------------------------------------------------------------------- COWD

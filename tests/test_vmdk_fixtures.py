@@ -218,6 +218,14 @@ def test_fixtures_are_deterministic_and_small(built, tmp_path):
     assert set(again) == set(NAMES)
 
 
+def test_pinned_cid_drops_stale_bytes_after_the_nul():
+    """qemu rewrites the descriptor in place; a shorter CID leaves old bytes past the NUL."""
+    clean = fx.pin_cid(b"CID=12345678\nparentCID=ffffffff\n" + bytes(20), 0xBA5E001)
+    stale = fx.pin_cid(b"CID=123456\nparentCID=ffffffff\n\0f\n" + bytes(19), 0xBA5E001)
+    assert clean == stale
+    assert clean.startswith(b"CID=ba5e001\nparentCID=ffffffff\n\0") and len(clean) == 52
+
+
 def test_fixture_structures(built):
     """The variants really contain what they claim (read back with plain struct/numpy)."""
     d = built["base"].parent
