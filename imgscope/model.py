@@ -241,6 +241,30 @@ class Image:
         from .io.reader import GuestReader
         return GuestReader(self.extent_table(), self.virtual_size, self.cluster_size)
 
+    # ---- inside the guest disk --------------------------------------------------------
+    def partition_table(self):
+        """The guest disk's MBR or GPT (scheme "none" when there is neither); cached."""
+        if getattr(self, "_partition_table", None) is None:
+            from .guest.partitions import read_partition_table
+            self._partition_table = read_partition_table(self.open_guest(), path=str(self.path),
+                                                         note=self.note)
+        return self._partition_table
+
+    def partitions(self):
+        """One row per partition of the guest disk (MBR primary/extended/logical or GPT)."""
+        return self.partition_table().frame
+
+    def partition(self, number: int):
+        """Partition `number` (as Linux numbers them: sda1, sda5...); `.open()` reads it."""
+        return self.partition_table().partition(number)
+
+    def lvm(self):
+        """The LVM2 physical volume on the guest disk or in one of its partitions."""
+        if getattr(self, "_lvm", None) is None:
+            from .guest.lvm import find_lvm
+            self._lvm = find_lvm(self)
+        return self._lvm
+
     def info(self, backing_chain: bool = False):
         """qemu-img info --output=json compatible dict (list for the chain)."""
         from .info import image_info

@@ -154,16 +154,22 @@ def test_raw_extents_follow_seek_data(raw_sample):
 
 
 def test_probe_and_unsupported_format(tmp_path):
-    vhdx = tmp_path / "x.vhdx"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", str(vhdx), "1M"], check=True)
-    assert imgscope.probe(vhdx)[0].format == "vhdx"
-    with pytest.raises(Unsupported, match="vhdx"):
-        imgscope.open(vhdx)
+    """A recognised format without a driver yet (OVA here) is named in the error."""
+    import io, tarfile
+    ova = tmp_path / "x.ova"
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as tar:
+        body = b'<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"/>'
+        member = tarfile.TarInfo("x.ovf")
+        member.size = len(body)
+        tar.addfile(member, io.BytesIO(body))
+    assert imgscope.probe(ova)[0].format == "ova"
+    with pytest.raises(Unsupported, match="ova"):
+        imgscope.open(ova)
     with pytest.raises(UnknownFormat):
-        imgscope.open(vhdx, "nonsense")
+        imgscope.open(ova, "nonsense")
     # -f raw is always possible
-    with imgscope.open(vhdx, "raw") as img:
-        assert img.virtual_size == vhdx.stat().st_size
+    with imgscope.open(ova, "raw") as img:
+        assert img.virtual_size == ova.stat().st_size
 
 
 def test_html_card_is_escaped(qcow2_corpus, tmp_path):
@@ -199,7 +205,7 @@ def test_schemas_import_nothing_from_imgscope():
 
 
 def test_drivers_do_not_draw_or_print():
-    for py in (PKG / "formats").rglob("*.py"):
+    for py in [*(PKG / "formats").rglob("*.py"), *(PKG / "guest").rglob("*.py")]:
         text = py.read_text()
         assert "matplotlib" not in text and "print(" not in text, py
         for mod in _imports(py):

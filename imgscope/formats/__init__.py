@@ -18,6 +18,9 @@ DRIVERS = {
     "vmdk": "imgscope.formats.vmdk:VmdkImage",
     "vpc": "imgscope.formats.vhd:VhdImage",
     "vdi": "imgscope.formats.vdi:VdiImage",
+    "vhdx": "imgscope.formats.vhdx:VhdxImage",
+    "qcow": "imgscope.formats.qcow:QcowImage",
+    "cow": "imgscope.formats.cow:CowImage",
 }
 ALIASES = {"vhd": "vpc", "qcow1": "qcow", "lvm": "lvm2", "file": "raw"}
 KNOWN_FORMATS = ("raw", "qcow2", "qcow", "cow", "vmdk", "vdi", "vpc", "vhdx",

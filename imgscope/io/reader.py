@@ -18,20 +18,14 @@ from ..model import (ExtentTable, KIND_DATA, KIND_ZERO, KIND_UNALLOCATED,
 from .codecs import decompress
 
 
-class GuestReader(io.RawIOBase):
-    """Readable, seekable binary file over a guest disk (never writes)."""
+class PositionalReader(io.RawIOBase):
+    """Read-only, seekable binary file whose subclasses only answer `pread_into`."""
 
-    def __init__(self, table: ExtentTable, size: int, cluster_size: int | None = None,
-                 cache_clusters: int = 64) -> None:
+    size = 0
+
+    def __init__(self) -> None:
         super().__init__()
-        self.table = table
-        self.size = int(size)
-        self.cluster_size = cluster_size or table.cluster_size
         self._pos = 0
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_max = cache_clusters
-        self._starts = table.guest
-        self._ends = table.guest + table.length
 
     def readable(self) -> bool:
         return True
@@ -66,12 +60,30 @@ class GuestReader(io.RawIOBase):
         return n
 
     def pread(self, offset: int, length: int) -> bytes:
-        """`length` guest bytes at `offset` (short only at the end of the disk)."""
+        """`length` bytes at `offset` (short only at the end)."""
         length = max(0, min(length, self.size - offset))
         buf = bytearray(length)
         if length:
             self.pread_into(offset, np.frombuffer(buf, dtype=np.uint8))
         return bytes(buf)
+
+    def pread_into(self, offset: int, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class GuestReader(PositionalReader):
+    """Readable, seekable binary file over a guest disk (never writes)."""
+
+    def __init__(self, table: ExtentTable, size: int, cluster_size: int | None = None,
+                 cache_clusters: int = 64) -> None:
+        super().__init__()
+        self.table = table
+        self.size = int(size)
+        self.cluster_size = cluster_size or table.cluster_size
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_max = cache_clusters
+        self._starts = table.guest
+        self._ends = table.guest + table.length
 
     def pread_into(self, offset: int, out: np.ndarray) -> None:
         t = self.table
