@@ -19,9 +19,10 @@ Images (full run / ``--quick``):
   Sparse host file: ~1 TiB apparent, ~160 MiB allocated.
 * ``fragmented.qcow2`` / ``fragmented-quick.qcow2``: 10^5 / 10^4 scattered data
   extents built by ``tests/oracle.py``'s ``build_fragmented_qcow2``.
-* ``fragmented-sparse.vmdk`` / ``fragmented-stream.vmdk`` (quick: a stream one):
-  ``qemu-img convert -O vmdk -o subformat=monolithicSparse|streamOptimized`` of
-  the fragmented qcow2, so the same 10^5 extents in both VMDK layouts.
+* ``fragmented-sparse.vmdk``, ``fragmented-stream.vmdk``, ``fragmented.vdi``,
+  ``fragmented.vhd``, ``fragmented.vhdx``, ``fragmented.qcow`` (quick: a stream VMDK):
+  ``qemu-img convert -O vmdk|vdi|vpc|vhdx|qcow`` of the fragmented qcow2, so the
+  same 10^5 extents in every format (VMDK as monolithicSparse and streamOptimized).
 
 An image is reused when it and its ``*.build.json`` side file (written only after
 a successful build) are present with the same parameters.
@@ -88,12 +89,13 @@ def child_env(workdir: Path, as_is: bool) -> dict | None:
 @dataclass(frozen=True)
 class Spec:
     name: str
-    kind: str                 # "prealloc" | "fragmented" | "vmdk"
+    kind: str                 # "prealloc" | "fragmented" | "convert"
     virtual_size: int
     n_extents: int = 0        # fragmented only
     cluster_size: int = 64 * KiB  # prealloc: fixed; fragmented: 0 = oracle's choice
-    source: str = ""          # vmdk: image (built before it) converted with qemu-img
-    subformat: str = ""       # vmdk: monolithicSparse | streamOptimized
+    source: str = ""          # convert: image (built before it) converted with qemu-img
+    fmt: str = ""             # convert: -O format
+    options: str = ""         # convert: -o options (e.g. subformat=streamOptimized)
 
     def params(self) -> dict:
         return asdict(self)
@@ -102,16 +104,21 @@ class Spec:
 FULL = [
     Spec("prealloc-1t.qcow2", "prealloc", 1 * TiB),
     Spec("fragmented.qcow2", "fragmented", 4 * GiB, n_extents=100_000, cluster_size=0),
-    Spec("fragmented-sparse.vmdk", "vmdk", 4 * GiB, source="fragmented.qcow2",
-         subformat="monolithicSparse"),
-    Spec("fragmented-stream.vmdk", "vmdk", 4 * GiB, source="fragmented.qcow2",
-         subformat="streamOptimized"),
+    Spec("fragmented-sparse.vmdk", "convert", 4 * GiB, source="fragmented.qcow2", fmt="vmdk",
+         options="subformat=monolithicSparse"),
+    Spec("fragmented-stream.vmdk", "convert", 4 * GiB, source="fragmented.qcow2", fmt="vmdk",
+         options="subformat=streamOptimized"),
+    Spec("fragmented.vdi", "convert", 4 * GiB, source="fragmented.qcow2", fmt="vdi"),
+    Spec("fragmented.vhd", "convert", 4 * GiB, source="fragmented.qcow2", fmt="vpc"),
+    Spec("fragmented.vhdx", "convert", 4 * GiB, source="fragmented.qcow2", fmt="vhdx",
+         options="block_size=1M"),
+    Spec("fragmented.qcow", "convert", 4 * GiB, source="fragmented.qcow2", fmt="qcow"),
 ]
 QUICK = [
     Spec("prealloc-64g.qcow2", "prealloc", 64 * GiB),
     Spec("fragmented-quick.qcow2", "fragmented", 1 * GiB, n_extents=10_000, cluster_size=0),
-    Spec("fragmented-quick-stream.vmdk", "vmdk", 1 * GiB, source="fragmented-quick.qcow2",
-         subformat="streamOptimized"),
+    Spec("fragmented-quick-stream.vmdk", "convert", 1 * GiB, source="fragmented-quick.qcow2",
+         fmt="vmdk", options="subformat=streamOptimized"),
 ]
 
 
@@ -127,7 +134,7 @@ def _frag_cluster_size(spec: Spec) -> int:
 
 def estimated_disk_bytes(spec: Spec) -> int:
     """Allocated (not apparent) bytes the image will need, with some margin."""
-    if spec.kind == "vmdk":
+    if spec.kind == "convert":
         return 600 * MiB
     if spec.kind == "prealloc":
         clusters = spec.virtual_size // spec.cluster_size
@@ -202,11 +209,11 @@ def build_image(workdir: Path, spec: Spec) -> dict:
         info.update({k: v for k, v in res.items() if k not in ("path", "seconds")})
         info["command"] = (f"tests/oracle.py build_fragmented_qcow2(path, {spec.virtual_size}, "
                            f"{spec.n_extents}, cluster_size={spec.cluster_size or None})")
-    elif spec.kind == "vmdk":
-        cmd = [QEMU_IMG, "convert", "-O", "vmdk", "-o", f"subformat={spec.subformat}",
-               str(workdir / spec.source), str(tmp)]
+    elif spec.kind == "convert":
+        opts = ["-o", spec.options] if spec.options else []
+        cmd = [QEMU_IMG, "convert", "-O", spec.fmt, *opts, str(workdir / spec.source), str(tmp)]
         subprocess.run(cmd, check=True, timeout=RUN_TIMEOUT)
-        info["command"] = f"qemu-img convert -O vmdk -o subformat={spec.subformat} {spec.source} {spec.name}"
+        info["command"] = " ".join(["qemu-img convert -O", spec.fmt, *opts, spec.source, spec.name])
     else:
         raise ValueError(spec.kind)
     os.replace(tmp, path)

@@ -3,6 +3,8 @@
     imgscope info [--output human|json] [--backing-chain] [-f FMT] FILE
     imgscope map  [--output human|json] [-f FMT] [--start-offset N] [--max-length N] FILE
     imgscope fields|tables [NAME]|regions [--output table|csv|json] FILE
+    imgscope partitions [--output table|csv|json] FILE
+    imgscope lvm [--output table|csv|json] FILE
     imgscope survey PATH...
 
 Errors print one line on stderr and exit non-zero (1), never a traceback.
@@ -124,6 +126,37 @@ def cmd_regions(args) -> int:
     return 0
 
 
+def cmd_partitions(args) -> int:
+    """The guest disk's MBR/GPT; `--output json` is in the shape `sfdisk --json` prints."""
+    img = _open(args)
+    table = img.partition_table()
+    if args.output == "json":
+        print(json.dumps(table.to_sfdisk(), indent=3))
+        return 0
+    if args.output == "table":
+        print(f"Disklabel type: {table.scheme}"
+              + (f", identifier: {table.disk_id}" if table.disk_id else "")
+              + f", sector size: {table.sector_size}")
+    _print_frame(table.frame, args.output)
+    return 0
+
+
+def cmd_lvm(args) -> int:
+    """The LVM2 physical volume on the guest disk: VG, PVs, LVs and segments."""
+    img = _open(args)
+    pv = img.lvm()
+    if args.output == "json":
+        print(json.dumps(pv.to_dict(), indent=2, default=str))
+        return 0
+    for name in ("volume_group", "physical_volumes", "logical_volumes", "segments"):
+        if args.output == "table":
+            print(f"{name}:")
+        _print_frame(pv.tables[name], args.output)
+        if args.output == "table":
+            print()
+    return 0
+
+
 def cmd_survey(args) -> int:
     """One line per image in the given files/folders: what it is and what it holds."""
     import imgscope
@@ -194,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, tab, "table", before_file=lambda p: p.add_argument(
         "name", nargs="?", help="table to print (omit to list the tables)"))
     sp.set_defaults(func=cmd_tables)
+
+    sp = sub.add_parser("partitions", help="MBR/GPT partitions of the guest disk "
+                        "(--output json: as sfdisk --json)")
+    common(sp, tab, "table")
+    sp.set_defaults(func=cmd_partitions)
+
+    sp = sub.add_parser("lvm", help="LVM2 volume group, physical and logical volumes")
+    common(sp, tab, "table")
+    sp.set_defaults(func=cmd_lvm)
 
     sp = sub.add_parser("survey", help="one line per image in files or folders")
     sp.add_argument("paths", nargs="+", metavar="PATH")
