@@ -247,7 +247,7 @@ class Image:
         if getattr(self, "_partition_table", None) is None:
             from .guest.partitions import read_partition_table
             self._partition_table = read_partition_table(self.open_guest(), path=str(self.path),
-                                                         note=self.note)
+                                                         note=self.note, limits=self.limits)
         return self._partition_table
 
     def partitions(self):
