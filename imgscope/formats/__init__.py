@@ -14,6 +14,7 @@ from .probe import Candidate, probe_bytes
 # raise Unsupported naming the format.
 DRIVERS = {
     "raw": "imgscope.formats.raw:RawImage",
+    "lvm2": "imgscope.formats.raw:RawImage",   # a bare PV is a raw disk (as qemu-img says); .lvm() reads it
     "qcow2": "imgscope.formats.qcow2:Qcow2Image",
     "vmdk": "imgscope.formats.vmdk:VmdkImage",
     "vpc": "imgscope.formats.vhd:VhdImage",
