@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import os
 import random
 import shutil
@@ -210,6 +211,25 @@ def test_to_sfdisk_equals_sfdisk_json(disks):
         if mine != disk.sfdisk:
             bad.append(f"{disk.name}.{fmt}: {json.dumps(mine)} != {json.dumps(disk.sfdisk)}")
     assert not bad, "\n".join(bad)
+
+
+def test_cli_json_equals_sfdisk_json(disks):
+    """`imgscope partitions --output=json` prints sfdisk's JSON (device = the name given)."""
+    for disk in disks.values():
+        path = disk.images["qcow2"]
+        proc = subprocess.run([sys.executable, "-m", "imgscope", "partitions", "--output=json",
+                               path.name], cwd=path.parent, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        expected = json.loads(json.dumps(disk.sfdisk))
+        table_ = expected["partitiontable"]
+        table_["device"] = path.name
+        for part in table_["partitions"]:      # sfdisk's rule: "p" when the name ends in a digit
+            part["node"] = path.name + "p" + part["node"][len(str(disk.raw)):]
+        assert json.loads(proc.stdout) == expected
+        table = subprocess.run([sys.executable, "-m", "imgscope", "partitions", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+        assert table.splitlines()[0].startswith(f"Disklabel type: {expected['partitiontable']['label'].replace('dos', 'mbr')}")
+        assert len(table.splitlines()) == 2 + len(expected["partitiontable"]["partitions"])
 
 
 def test_partition_bytes_match_what_was_written(disks):
