@@ -69,7 +69,8 @@ def cmd_map(args) -> int:
     img = _open(args)
     if args.output == "json":
         sys.stdout.flush()
-        sys.stdout.buffer.write(map_json_fast(map_table(img, args.start_offset, args.max_length)) + b"\n")
+        table = map_table(img, args.start_offset, args.max_length)
+        sys.stdout.buffer.write(map_json_fast(table, args.start_offset) + b"\n")
     else:
         print(map_human(map_entries(img, args.start_offset, args.max_length)))
     return 0

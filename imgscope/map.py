@@ -9,7 +9,7 @@ from .model import NO_HOST
 
 def map_table(image, start: int = 0, length: int | None = None):
     """The merged extent table for [start, start+length), qemu-img map's entries."""
-    table = image.extent_table()
+    table = image.map_extent_table()
     end = image.virtual_size if length is None else min(image.virtual_size, start + length)
     if start or end < image.virtual_size:
         table = split_at(table, np.array(sorted({start, end}), np.uint64))
@@ -26,6 +26,9 @@ def map_entries(image, start: int = 0, length: int | None = None) -> list[dict]:
                    table.host.tolist())
     fi = table.file.tolist()
     names = [getattr(s, "given_name", None) or str(s.path) for s in table.files]
+    if not len(table):          # nothing mapped: qemu-img prints one empty entry at start
+        return [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False,
+                 "data": False}]
     for i in range(len(table)):
         e = {"start": g[i], "length": ln[i], "depth": d[i], "present": bool(present[i]),
              "zero": bool(zero[i]), "data": bool(data[i])}
@@ -50,13 +53,15 @@ def map_json(entries: list[dict]) -> str:
     return "[" + ",\n".join(json_entry(e) for e in entries) + "]"
 
 
-def map_json_fast(table) -> bytes:
-    """map_json (as UTF-8 bytes) straight from the arrays, assembled by numpy."""
+def map_json_fast(table, start: int = 0) -> bytes:
+    """map_json (as UTF-8 bytes) straight from the arrays, assembled by numpy; `start` is
+    where the map begins (an empty map is one empty entry there, as qemu-img prints)."""
     from .textvec import Lines
     present, zero, data, has_offset = map_flags(table)
     n = len(table)
     if n == 0:
-        return b"[]"
+        return ("[" + json_entry({"start": start, "length": 0, "depth": 0, "present": False,
+                                  "zero": False, "data": False}) + "]").encode()
     tf = ["false", "true"]
     text = (Lines(n).const('{ "start": ').number(table.guest)
             .const(', "length": ').number(table.length)

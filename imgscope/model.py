@@ -5,7 +5,8 @@ Frame column contracts (checked by tests; see frames.py for dtypes):
 fields   structure, field, offset, size, raw, value, display, description
 extents  guest_offset, length, kind, depth, file, host_offset, codec, source
 regions  file, offset, length, kind, owner
-findings severity, code, structure, index, file, host_offset, size, message, fixable
+findings severity, code, structure, index, file, host_offset, size, message, fixable,
+         guest_offset
 
 Extent kinds: data, zero, unallocated, compressed, encrypted.  `zero` with a
 host offset is a preallocated zero cluster; `unallocated` at the bottom of a
@@ -46,6 +47,7 @@ class Finding:
     host_offset: int | None = None
     size: int | None = None
     fixable: bool = False
+    guest_offset: int | None = None     # where on the guest disk, when it is about guest data
 
 
 FLAG_HOST_HOLE = 1   # data run whose host bytes are a hole (QEMU reports zero too)
@@ -157,8 +159,9 @@ class Image:
              **where) -> None:
         """Record a finding; in strict mode errors raise instead."""
         where.setdefault("file", str(self.path))
-        if where.get("host_offset") is not None and not 0 <= where["host_offset"] < 1 << 64:
-            where["host_offset"] = None          # a hostile value that is no offset at all
+        for key in ("host_offset", "guest_offset"):
+            if where.get(key) is not None and not 0 <= where[key] < 1 << 64:
+                where[key] = None                # a hostile value that is no offset at all
         f = Finding(severity, code, message, **where)
         if self.strict and raise_in_strict and severity in ("error", "critical"):
             raise ParseError(message, path=f.file, offset=f.host_offset,
@@ -217,6 +220,11 @@ class Image:
             from .io.chain import resolve_chain
             self._extents_cache = resolve_chain(self)
         return self._extents_cache
+
+    def map_extent_table(self) -> ExtentTable:
+        """The table ``qemu-img map`` reports: the guest map, unless the format's QEMU
+        driver answers no block status (VHDX: one data run without offsets)."""
+        return self.extent_table()
 
     def extents(self, merge: bool = True):
         """Guest map: which layer and host bytes supply each guest range."""

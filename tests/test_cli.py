@@ -102,3 +102,15 @@ def test_sample_images_agree_with_qemu():
         with imgscope.open(path) as img:
             mine = [{k: v for k, v in e.items() if k != "filename"} for e in map_entries(img)]
         assert mine == oracle.qemu_map(path), path.name
+
+
+@pytest.mark.parametrize("size, extra", [("0", []), ("1M", ["--start-offset", "64k", "--max-length", "0"])])
+def test_empty_map_is_one_empty_entry_as_qemu(tmp_path, size, extra):
+    """qemu-img map prints one zero-length entry when nothing is mapped; so do we."""
+    path = tmp_path / "e.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    theirs = subprocess.run(["qemu-img", "map", "--output=json", *extra, path.name], cwd=tmp_path,
+                            capture_output=True, check=True).stdout
+    mine = subprocess.run([sys.executable, "-m", "imgscope", "map", "--output=json", *extra,
+                           path.name], cwd=tmp_path, capture_output=True, check=True).stdout
+    assert mine == theirs
