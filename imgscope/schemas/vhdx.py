@@ -24,7 +24,7 @@ from functools import lru_cache
 import construct as cs
 import numpy as np
 
-from ._types import NumpyArray, enum, flags
+from ._types import NumpyArray, flags
 
 KiB, MiB = 1024, 1024 * 1024
 
