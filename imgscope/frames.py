@@ -10,6 +10,7 @@ REGIONS_COLUMNS   file:category offset:uint64 length:uint64 kind:category owner:
                   (kind `slack`: the unused tail of a cluster a structure occupies)
 FINDINGS_COLUMNS  severity:category code:str structure:str index:Int64 file:str
                   host_offset:UInt64 size:UInt64 message:str fixable:bool
+                  guest_offset:UInt64 (NA: not about a guest range)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ FIELDS_COLUMNS = ["structure", "field", "offset", "size", "raw", "value", "displ
 EXTENTS_COLUMNS = ["guest_offset", "length", "kind", "depth", "file", "host_offset", "codec", "source"]
 REGIONS_COLUMNS = ["file", "offset", "length", "kind", "owner"]
 FINDINGS_COLUMNS = ["severity", "code", "structure", "index", "file", "host_offset", "size",
-                    "message", "fixable"]
+                    "message", "fixable", "guest_offset"]
 REGION_KINDS = ("header", "l1_table", "l2_table", "refcount_table", "refcount_block",
                 "snapshot_table", "bitmap_directory", "bitmap_table", "bitmap_data",
                 "crypto_header", "grain_directory", "grain_table", "block_map", "bat",
@@ -108,6 +109,7 @@ def findings_frame(findings: list[Finding]) -> pd.DataFrame:
         "size": pd.array([f.size for f in findings], dtype="UInt64"),
         "message": pd.Series([f.message for f in findings], dtype=str),
         "fixable": np.array([f.fixable for f in findings], dtype=bool),
+        "guest_offset": pd.array([f.guest_offset for f in findings], dtype="UInt64"),
     }, columns=FINDINGS_COLUMNS)
 
 

@@ -425,7 +425,7 @@ def test_bad_label_crc(single, tmp_path):
     pv = img.lvm()
     assert {"label_crc_mismatch", "pv_size_mismatch"} <= codes(pv)
     f = pv.findings.set_index("code").loc["label_crc_mismatch"]
-    assert f.host_offset == 512 + 16 and f.severity == "error"
+    assert f.guest_offset == 512 + 16 and f.severity == "error"
     assert "label_crc_mismatch" in set(img.findings.code)         # forwarded to the image
     assert sha(pv.open("root").read()) == sha(single.lv_data["root"])
     _, checks = pvck_headers(path)

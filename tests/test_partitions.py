@@ -516,7 +516,7 @@ def test_bad_primary_gpt_crc_uses_backup(disks, tmp_path, where):
                                              disk.sfdisk["partitiontable"]["partitions"]]
         assert {crc, "gpt_backup_used"} <= set(img.findings.code)
         bad = table.findings.set_index("code").loc[crc]
-        assert 512 <= bad.host_offset < 1024 and bad.structure == "gpt_header"
+        assert 512 <= bad.guest_offset < 1024 and bad.structure == "gpt_header"
     with pytest.raises(ParseError):
         imgscope.open(qcow, strict=True).partition_table()
 
@@ -557,7 +557,7 @@ def test_ebr_loop(disks, tmp_path):
         assert time.perf_counter() - t0 < 5
         assert codes(table) == {"ebr_loop"}
         loop = table.findings.set_index("code").loc["ebr_loop"]
-        assert loop.host_offset == ext_start * 512
+        assert loop.guest_offset == ext_start * 512
         assert table.frame.number.tolist() == [1, 2, 3, 4, 5, 6, 7]   # every logical, once
         for number in (5, 6, 7):
             assert partition_sha(img.partition(number)) == disk.expected[number]
@@ -591,7 +591,7 @@ def test_partition_beyond_the_disk_is_clipped(disks, tmp_path):
     with imgscope.open(qcow) as img:
         table = img.partition_table()
         assert codes(table) == {"partition_beyond_disk"}
-        assert table.findings.host_offset.tolist() == [494]
+        assert table.findings.guest_offset.tolist() == [494]
         part = img.partition(4)
         assert part.clipped and part.size == 0x00FFFFFF * 512
         assert table.to_sfdisk(device=str(path)) == sfdisk_json(path)   # sfdisk lists it too

@@ -278,7 +278,7 @@ class PhysicalVolume:
         """A finding about this PV; forwarded to the image's note() when given
         (which raises in strict mode)."""
         where = dict(structure=structure, index=index, size=size,
-                     host_offset=None if offset is None else self.base_offset + offset)
+                     guest_offset=None if offset is None else self.base_offset + offset)
         if self._forward is not None:
             self._forward(severity, code, message, **where)
         count = self._finding_counts.get(code, 0) + 1

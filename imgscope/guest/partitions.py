@@ -254,6 +254,9 @@ class _Context:
         self.ebr_count = 0          # EBRs read so far, in chain order (table names)
 
     def note(self, severity: str, code: str, message: str, **where) -> None:
+        """A finding; offsets found on the guest disk are guest offsets."""
+        if "host_offset" in where:
+            where["guest_offset"] = where.pop("host_offset")
         t = self.table
         count = t._finding_counts.get(code, 0) + 1
         t._finding_counts[code] = count
