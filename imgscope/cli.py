@@ -3,6 +3,7 @@
     imgscope info [--output human|json] [--backing-chain] [-f FMT] FILE
     imgscope map  [--output human|json] [-f FMT] [--start-offset N] [--max-length N] FILE
     imgscope fields|tables [NAME]|regions [--output table|csv|json] FILE
+    imgscope check [--output human|json] [-f FMT] [-p|-q] FILE   (exit 0/1/2/3 as qemu-img)
     imgscope partitions [--output table|csv|json] FILE
     imgscope lvm [--output table|csv|json] FILE
     imgscope survey PATH...
@@ -127,6 +128,28 @@ def cmd_regions(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """qemu-img check's verdict and counters plus every finding; exit 0/1/2/3 as qemu-img."""
+    img = _open(args)
+    bar = None
+    if args.progress or (args.progress is None and sys.stderr.isatty()):
+        from tqdm import tqdm
+        bar = tqdm(total=1, unit="step", file=sys.stderr, leave=False)
+
+        def progress(stage, done, total):
+            bar.set_description(stage)
+            bar.total, bar.n = max(total, 1), done
+            bar.refresh()
+    report = img.check(progress=progress if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=4))
+    else:
+        print(report.human())
+    return report.exit_code
+
+
 def cmd_partitions(args) -> int:
     """The guest disk's MBR/GPT; `--output json` is in the shape `sfdisk --json` prints."""
     img = _open(args)
@@ -228,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, tab, "table", before_file=lambda p: p.add_argument(
         "name", nargs="?", help="table to print (omit to list the tables)"))
     sp.set_defaults(func=cmd_tables)
+
+    sp = sub.add_parser("check", help="find and explain damage (exit codes as qemu-img check)")
+    common(sp)
+    sp.add_argument("-p", "--progress", action="store_true", default=None,
+                    help="show progress on stderr (default: when stderr is a terminal)")
+    sp.add_argument("-q", "--quiet", dest="progress", action="store_false",
+                    help="no progress")
+    sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("partitions", help="MBR/GPT partitions of the guest disk "
                         "(--output json: as sfdisk --json)")

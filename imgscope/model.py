@@ -249,6 +249,11 @@ class Image:
         from .io.reader import GuestReader
         return GuestReader(self.extent_table(), self.virtual_size, self.cluster_size)
 
+    def check(self, progress=None):
+        """Every rule of the checker (read-only): findings plus qemu-img check's counters."""
+        from .analysis.check import check_image
+        return check_image(self, progress=progress)
+
     # ---- inside the guest disk --------------------------------------------------------
     def partition_table(self):
         """The guest disk's MBR or GPT (scheme "none" when there is neither); cached."""
