@@ -130,7 +130,7 @@ def cmd_regions(args) -> int:
 
 def cmd_check(args) -> int:
     """qemu-img check's verdict and counters plus every finding; exit 0/1/2/3 as qemu-img."""
-    img = _open(args)
+    from .analysis.check import check_path
     bar = None
     if args.progress or (args.progress is None and sys.stderr.isatty()):
         from tqdm import tqdm
@@ -140,7 +140,9 @@ def cmd_check(args) -> int:
             bar.set_description(stage)
             bar.total, bar.n = max(total, 1), done
             bar.refresh()
-    report = img.check(progress=progress if bar is not None else None)
+    report = check_path(args.filename, args.format, given_name=args.filename,
+                        progress=progress if bar is not None else None,
+                        strict=args.strict, allow_paths=args.allow_path or None)
     if bar is not None:
         bar.close()
     if args.output == "json":

@@ -222,6 +222,25 @@ def check_image(image, *, progress: Progress | None = None) -> CheckReport:
     return CheckReport(name, image.format, counts, findings, image.format in QEMU_CHECKS)
 
 
+def check_path(path, format: str | None = None, *, progress: Progress | None = None,
+               given_name: str | None = None, **open_args) -> CheckReport:
+    """Open and check `path`; an image that cannot even be opened is a report with one
+    `open_failed` finding and a check error (exit 1, as qemu-img check)."""
+    import imgscope
+    name = given_name or str(path)
+    try:
+        image = imgscope.open(path, format, **open_args)
+    except ImageError as exc:
+        f = Finding("critical", "open_failed", f"the image cannot be opened: {exc.message}",
+                    structure=exc.structure or "", file=exc.path or str(path),
+                    host_offset=exc.offset)
+        return CheckReport(name, format or "", CheckCounts(check_errors=1), [f],
+                           (format or "") in QEMU_CHECKS)
+    with image:
+        image.given_name = name
+        return check_image(image, progress=progress)
+
+
 def generic_rules(ctx: CheckContext, regions, counting: bool = True) -> None:
     """Rules that hold for every format, on the host layout and the guest map."""
     image = ctx.image
