@@ -3,7 +3,8 @@
 # Deterministic contents (fixed patterns); only timestamps and LUKS salts vary.
 set -euo pipefail
 cd "$(dirname "$0")"
-rm -f demo.qcow2 chain-base.qcow2 chain-top.qcow2 compressed.qcow2 sparse.raw stream.vmdk sparse.vmdk
+rm -f demo.qcow2 chain-base.qcow2 chain-top.qcow2 compressed.qcow2 sparse.raw stream.vmdk sparse.vmdk \
+      sparse.vdi sparse.vhd sparse.vhdx sparse.qcow gpt-disk.qcow2
 q() { qemu-io -f qcow2 "$@" >/dev/null; }
 
 # demo.qcow2: v3, 16 MiB, data across cluster boundaries, a zero cluster, two snapshots, a bitmap
@@ -33,4 +34,21 @@ qemu-img convert -c -O qcow2 sparse.raw compressed.qcow2
 qemu-img convert -O vmdk -o subformat=streamOptimized sparse.raw stream.vmdk
 qemu-img convert -O vmdk -o zeroed_grain=on sparse.raw sparse.vmdk
 qemu-io -f vmdk -c "write -z 512k 64k" sparse.vmdk >/dev/null
+# VDI, VHD (vpc), VHDX and qcow (v1) of the same raw disk
+qemu-img convert -O vdi sparse.raw sparse.vdi
+qemu-img convert -O vpc sparse.raw sparse.vhd
+qemu-img convert -O vhdx -o log_size=1M,block_size=1M sparse.raw sparse.vhdx
+qemu-img convert -O qcow sparse.raw sparse.qcow
+
+# gpt-disk.qcow2: a GPT (fixed GUIDs) with two named partitions holding known bytes
+rm -f gpt-disk.raw && truncate -s 8M gpt-disk.raw
+sfdisk -q gpt-disk.raw <<'GPT'
+label: gpt
+label-id: 0DDBA110-0000-4000-8000-000000000001
+size=2MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=0DDBA110-0000-4000-8000-0000000000A1, name="EFI system"
+type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=0DDBA110-0000-4000-8000-0000000000A2, name=root
+GPT
+qemu-io -f raw -c "write -P 0xe5 1M 64k" -c "write -P 0x77 3M 128k" gpt-disk.raw >/dev/null
+qemu-img convert -O qcow2 gpt-disk.raw gpt-disk.qcow2
+rm -f gpt-disk.raw
 ls -l
