@@ -92,10 +92,10 @@ def human_info(info: dict) -> str:
     lines = [f"image: {info['filename']}", f"file format: {info['format']}",
              f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
              f"disk size: {human_size(info['actual-size'])}"]
-    if "cluster-size" in info:
-        lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("encrypted"):
         lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
         bf = info["backing-filename"]
         full = info.get("full-backing-filename")

@@ -247,7 +247,10 @@ class Image:
     def open_guest(self):
         """A read-only, seekable binary file over the guest disk."""
         from .io.reader import GuestReader
-        return GuestReader(self.extent_table(), self.virtual_size, self.cluster_size)
+        table = self.extent_table()
+        # a backing layer may have larger (compressed) clusters than this one
+        return GuestReader(table, self.virtual_size,
+                           max(self.cluster_size or 0, table.cluster_size) or None)
 
     def check(self, progress=None):
         """Every rule of the checker (read-only): findings plus qemu-img check's counters."""

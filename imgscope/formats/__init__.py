@@ -80,7 +80,13 @@ def open_backing(image, name: str, fmt: str | None, structure: str = "backing fi
     if str(path) in image._seen:
         raise ChainError(f"backing chain loops back to {path}", path=str(image.path),
                          structure=structure)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:          # e.g. a hostile name too long for the file system
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise ChainError(f"{structure} {shown!r} cannot be looked up: {exc.strerror}",
+                         path=str(image.path), structure=structure) from None
+    if not exists:
         raise ChainError(f"{structure} {name!r} not found ({path})", path=str(image.path),
                          structure=structure)
     return open_image(path, fmt, strict=image.strict, allow_paths=image.allow_paths,
