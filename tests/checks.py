@@ -8,8 +8,12 @@ so a test can collect every disagreement of a corpus before it asserts; the
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 
 import imgscope
+from imgscope.errors import ImageError
 from imgscope.map import map_entries
 
 # --------------------------------------------------------------------------- opening
@@ -145,3 +149,42 @@ def tiling_problems(r, src, odd_kinds: bool = True) -> list[str]:
     if odd:
         bad.append(f"{where}: {sorted(odd)}\n{r[r.kind.isin(odd)].to_string()}")
     return bad
+
+
+# --------------------------------------------------------------------------- the command line
+def run_cli(*args, cwd=None) -> tuple[int, str, str]:
+    """`python -m imgscope ARGS` in `cwd`: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "imgscope", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_cli_json_equals_qemu(path, verbs, fmt: str | None = None) -> None:
+    """For each verb (a list of words), our JSON text is qemu-img's, byte for byte."""
+    import oracle
+    fopt = ["-f", fmt] if fmt else []
+    for verb in verbs:
+        rc, out, err = run_cli(*verb, "--output=json", *fopt, path.name, cwd=path.parent)
+        assert rc == 0, err
+        theirs = oracle.run(oracle.QEMU_IMG, *verb, "-U", "--output=json", *fopt, path.name,
+                            cwd=path.parent).stdout
+        assert json.loads(out) == json.loads(theirs), verb
+        assert out == theirs, verb
+
+
+# --------------------------------------------------------------------------- damaged input
+def use_everything(path, fmt: str, read_bytes: int) -> str | None:
+    """Open `path` and touch every member of the model; None when that went well or ended
+    in an ImageError, else the unexpected exception as text."""
+    try:
+        with imgscope.open(path, fmt) as img:
+            img.extents(); img.regions(); img.fields; img.info(); img.findings
+            for t in list(img.tables):
+                img.tables[t]
+            with img.open_guest() as g:
+                g.read(read_bytes)
+    except ImageError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the point is to catch what should not escape
+        return f"{type(exc).__name__}: {exc}"
+    return None
