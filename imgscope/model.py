@@ -78,6 +78,9 @@ class ExtentTable:
     inner: np.ndarray | None = None  # uint64, compressed pieces: offset inside the cluster
     cluster_size: int = 0      # size a compressed run decompresses to
     flags: np.ndarray | None = None  # uint8, FLAG_* bits
+    # per file (chains mix layers): codec and decompressed cluster size of its compressed runs
+    file_codecs: list | None = None
+    file_cluster_sizes: list | None = None
 
     ARRAYS = ("guest", "length", "kind", "host", "host_length", "file", "depth", "inner", "flags")
 
@@ -93,9 +96,16 @@ class ExtentTable:
     def replace(self, **arrays) -> "ExtentTable":
         """A copy with some arrays (or files/codec) replaced."""
         kw = {name: getattr(self, name) for name in self.ARRAYS}
-        kw.update(files=self.files, codec=self.codec, cluster_size=self.cluster_size)
+        kw.update(files=self.files, codec=self.codec, cluster_size=self.cluster_size,
+                  file_codecs=self.file_codecs, file_cluster_sizes=self.file_cluster_sizes)
         kw.update(arrays)
         return ExtentTable(**kw)
+
+    def per_file(self) -> tuple[list, list]:
+        """(codec, cluster size) of every file's compressed runs."""
+        n = len(self.files)
+        return (self.file_codecs or [self.codec] * n,
+                self.file_cluster_sizes or [self.cluster_size] * n)
 
     @classmethod
     def empty(cls, files=None) -> "ExtentTable":

@@ -263,3 +263,26 @@ def test_textvec_lines_match_python_formatting():
                         for x, f, y in zip(a.tolist(), flag.tolist(), b.tolist()))
     assert text == expect
     assert Lines(0).const("x").render() == ""
+
+
+def test_chain_mixing_codecs_and_cluster_sizes(tmp_path):
+    """qcow2 (raw deflate, 64 KiB clusters) over qcow v1 (512-byte clusters when it has a
+    backing file) over a streamOptimized VMDK (zlib grains of 64 KiB), every layer with
+    compressed data: each decodes with its own codec and cluster size."""
+    run = lambda *a: subprocess.run([str(x) for x in a], check=True, cwd=tmp_path,
+                                    capture_output=True)
+    run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "2M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 2M", "base.raw")
+    run("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "base.raw",
+        "base.vmdk")
+    run("qemu-img", "create", "-q", "-f", "qcow", "-b", "base.vmdk", "-F", "vmdk", "mid.qcow")
+    run("qemu-io", "-f", "qcow", "-c", "write -c -P 0x22 512k 512", "mid.qcow")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow", "-F", "qcow", "top.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write -c -P 0x33 0 64k", "top.qcow2")
+    run("qemu-img", "convert", "-O", "raw", "top.qcow2", "top.raw")
+    with imgscope.open(tmp_path / "top.qcow2") as img:
+        ext = img.extents()
+        assert len(img.chain) == 3
+        assert set(ext.depth[ext.kind.astype(str) == "compressed"]) == {0, 1, 2}
+        data = img.open_guest().read()
+    assert data == (tmp_path / "top.raw").read_bytes()

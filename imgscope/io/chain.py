@@ -65,10 +65,13 @@ def resolve_chain(image) -> ExtentTable:
         return own
     below = parent.extent_table()
     files = list(own.files) + list(below.files)
+    (own_codecs, own_sizes), (below_codecs, below_sizes) = own.per_file(), below.per_file()
+    per_file = dict(files=files, file_codecs=own_codecs + below_codecs,
+                    file_cluster_sizes=own_sizes + below_sizes)
     shift = len(own.files)
     below = below.replace(file=np.where(below.file >= 0, below.file + shift, -1).astype(np.int16),
-                          depth=(below.depth + 1).astype(np.int16), files=files)
-    own = own.replace(files=files)
+                          depth=(below.depth + 1).astype(np.int16), **per_file)
+    own = own.replace(**per_file)
     parent_size = np.uint64(parent.virtual_size)
     own = split_at(own, np.array([parent_size], np.uint64))
     holes = (own.kind == KIND_UNALLOCATED) & (own.guest < parent_size)

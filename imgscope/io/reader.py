@@ -131,13 +131,16 @@ class GuestReader(PositionalReader):
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        src = t.files[int(t.file[i])]
+        f = int(t.file[i])
+        src = t.files[f]
+        codec = t.file_codecs[f] if t.file_codecs else t.codec
+        out_size = (t.file_cluster_sizes[f] if t.file_cluster_sizes else 0) or self.cluster_size
         host, length = int(t.host[i]), int(t.host_length[i])
         if t.flags[i] & FLAG_RECORD:          # length stored in the record header
             length = int.from_bytes(src.read(host + 8, 4, "grain record header"), "little")
             host += 12
         stored = src.read_upto(host, length)
-        data = decompress(stored, t.codec, self.cluster_size, path=str(src.path),
+        data = decompress(stored, codec, out_size, path=str(src.path),
                           offset=host, min_size=int(t.inner[i] + t.length[i]))
         self._cache[key] = data
         if len(self._cache) > self._cache_max:
