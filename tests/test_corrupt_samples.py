@@ -23,7 +23,7 @@ sys.path.insert(0, str(CORRUPT))
 import make_corrupt  # noqa: E402
 
 CASES = {c.name: c for c in make_corrupt.all_cases()}
-VERDICT_BY_EXIT = {0: "clean", 2: "corruptions", 3: "leaks"}
+VERDICT_BY_EXIT = {0: "clean", 1: "incomplete", 2: "corruptions", 3: "leaks"}
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,12 @@ def check_image(image, *, progress: Progress | None = None) -> CheckReport:
         regions = None
     ctx.step("parse", 1, 1)
     if rules is not None:
-        rules.check(ctx)
+        try:
+            rules.check(ctx)
+        except ImageError as exc:
+            ctx.check_error("check_incomplete", f"the {image.format} rules could not complete: "
+                            f"{exc.message}", structure=exc.structure or "",
+                            host_offset=exc.offset)
     if regions is not None:
         generic_rules(ctx, regions, counting=getattr(rules, "counts_generic", True))
     if getattr(rules, "counts_parse_findings", True):

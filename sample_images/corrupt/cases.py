@@ -36,7 +36,7 @@ class Case:
     pokes: list[Poke] = field(default_factory=list)
     truncate: int | Callable[[Path], int] | None = None   # new file length after the pokes
     expected: frozenset = frozenset()     # exactly the finding codes imgscope must give
-    qemu: str | None = None               # qemu-img check verdict: clean|leaks|corruptions, None: n/a
+    qemu: str | None = None               # qemu-img check: clean|leaks|corruptions|incomplete (exit 1); None: n/a
     qemu_counts: dict | None = None       # qcow2: {"corruptions": n, "leaks": m} as qemu-img counts
 
 
