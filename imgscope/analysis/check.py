@@ -201,9 +201,11 @@ def check_image(image, *, progress: Progress | None = None) -> CheckReport:
     before = len(image._findings)
     ctx.step("parse", 0, 1)
     try:
-        image.extent_table()
         image._own_extents()
-        regions = image.regions()
+        regions = None
+        if getattr(rules, "uses_layout", True):
+            image.extent_table()
+            regions = image.regions()
     except ImageError as exc:
         ctx.check_error("check_incomplete", f"the image could not be read: {exc.message}",
                         structure=exc.structure or "", host_offset=exc.offset)

@@ -27,7 +27,9 @@ def parse_snapshots(image) -> list[dict]:
                    structure="header.snapshots_offset", host_offset=64)
         return []
     # the table is at most 64 MiB; read what the file holds of it
-    area = image.source.read_upto(off, min(64 << 20, image.source.size - off))
+    # QEMU does not pad the last entry: a table written last ends the file right after its
+    # last name, so the 8-byte alignment padding the schema reads is supplied here
+    area = image.source.read_upto(off, min(64 << 20, image.source.size - off)) + bytes(7)
     out, end = [], 0
     for i, rows, pos, size in parse_records(image, S.snapshot_entry, area, off, n,
                                             name="snapshot", code="snapshot_table_truncated"):
