@@ -348,7 +348,8 @@ def test_vdi_huge_map_is_bounded(vdi_base, tmp_path):
     seconds = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert seconds < 10 and peak < 256 * MiB, (seconds, peak)
+    # a hang guard (about 0.1 s normally), not a benchmark; the memory bound is the point
+    assert seconds < 60 and peak < 256 * MiB, (seconds, peak)
     assert report.verdict in ("corruptions", "incomplete") and report.findings
 
 

@@ -404,7 +404,7 @@ def test_hostile_header_values_end_in_a_finding_quickly(tmp_path, field, offset,
     before = oracle.sha256_file(path)
     t0 = time.monotonic()
     report = check_path(path, "qcow2")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60   # a hang guard, not a benchmark
     rc, _ = qemu_json(path)
     assert report.findings and report.exit_code == rc, (field, report.qemu_dict(), rc)
     assert oracle.sha256_file(path) == before

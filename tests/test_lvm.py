@@ -601,7 +601,7 @@ def test_hostile_sizes_are_bounded(single, tmp_path):
         out = res[1]
         assert out["error"] is None, (name, out)
         assert want <= set(out["codes"]), (name, out["codes"])
-        assert time.perf_counter() - t0 < 10, name
+        assert time.perf_counter() - t0 < 60, name   # a hang guard, not a benchmark
     # the root LV of the intact-text cases still reads; the broken one does not
     assert _examine(str(paths["extent_count_2^62"][0]))["open"]["root"] == "ImageError"
     assert _examine(str(paths["text_size_2^63"][0]))["open"]["root"] == "ok"
@@ -632,7 +632,7 @@ def test_parser_errors(case):
     t0 = time.perf_counter()
     with pytest.raises(error, match=re.escape(message)):
         parse_metadata(text)
-    assert time.perf_counter() - t0 < 2
+    assert time.perf_counter() - t0 < 60   # a hang guard, not a benchmark
 
 
 def test_parser_duplicates_and_bytes():

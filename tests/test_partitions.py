@@ -360,7 +360,7 @@ def test_128_partitions_in_one_pass(tmp_path):
     elapsed = time.perf_counter() - t0
     assert len(frame) == 128 and table.findings.empty
     assert table.to_sfdisk(device=str(raw)) == sfdisk_json(raw)
-    assert elapsed < 5, elapsed     # generous: a hang or a per-sector loop, not a benchmark
+    assert elapsed < 60, elapsed    # a hang guard (milliseconds normally), not a benchmark
 
 
 def test_short_entry_array_prints_table_length(tmp_path):
@@ -554,7 +554,7 @@ def test_ebr_loop(disks, tmp_path):
     t0 = time.perf_counter()
     with imgscope.open(path) as img:
         table = img.partition_table()
-        assert time.perf_counter() - t0 < 5
+        assert time.perf_counter() - t0 < 60   # a hang guard, not a benchmark
         assert codes(table) == {"ebr_loop"}
         loop = table.findings.set_index("code").loc["ebr_loop"]
         assert loop.guest_offset == ext_start * 512
@@ -647,7 +647,7 @@ def test_lying_gpt_counts_are_refused(disks, tmp_path):
     fix_gpt_crcs_headers_only(path)
     t0 = time.perf_counter()
     table = imgscope.open(path).partition_table()
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 60   # a hang guard, not a benchmark
     assert {"gpt_entry_array_too_large", "gpt_invalid"} <= codes(table)
     assert table.scheme == "mbr"
 
@@ -738,4 +738,4 @@ def test_mutated_tables_give_findings_only(disks):
             pass
         finally:
             reader.close()
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 120   # a hang guard, not a benchmark
