@@ -7,6 +7,11 @@
     imgscope partitions [--output table|csv|json] FILE
     imgscope lvm [--output table|csv|json] FILE
     imgscope survey PATH...
+    imgscope convert [-f FMT] [-O FMT] [-o k=v,...] [-c] [-S SIZE] [-B BACKING [-F FMT]]
+                     [-l SNAPSHOT] [-p] [--force] SRC DST
+    imgscope create [-f FMT] [-o k=v,...] [-b BACKING [-F FMT]] FILE [SIZE]
+    imgscope compare [-f FMT] [-F FMT] [-s] [-p] A B          (exit 0/1/2 as qemu-img)
+    imgscope resize [-f FMT] [--shrink] FILE [+|-]SIZE
 
 Errors print one line on stderr and exit non-zero (1), never a traceback.
 """
@@ -213,6 +218,227 @@ def cmd_survey(args) -> int:
     return 0
 
 
+# ---- writing verbs -----------------------------------------------------------------------
+def _parse_o(texts: list[str] | None) -> dict:
+    """qemu-img's `-o k=v,k2=v2` (`,,` is a literal comma); repeated -o accumulate."""
+    out: dict = {}
+    for text in texts or []:
+        parts, cur, i = [], "", 0
+        while i < len(text):
+            if text[i] == ",":
+                if text[i + 1:i + 2] == ",":
+                    cur += ","
+                    i += 2
+                    continue
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += text[i]
+            i += 1
+        parts.append(cur)
+        for part in filter(None, parts):
+            key, eq, value = part.partition("=")
+            out[key] = value if eq else "on"
+    return out
+
+
+def _options_help(fmt: str) -> str:
+    from .convert.writers import writer_class
+    cls = writer_class(fmt)
+    lines = [f"Supported options ({cls.format}):"]
+    lines.append(f"  {'size':<24} <size>     - Virtual disk size")
+    for opt in cls.OPTIONS.values():
+        kind = {"size": "<size>", "bool": "<bool (on/off)>", "int": "<num>",
+                "str": "<str>", "choice": "<str>"}[opt.kind]
+        lines.append(f"  {opt.name:<24} {kind:<10} - {opt.help}")
+    return "\n".join(lines)
+
+
+def _progress_bar(enabled: bool, desc: str):
+    """A tqdm bar (the notebook widget inside Jupyter) and its (done, total) callback."""
+    if not enabled:
+        return None, None
+    from tqdm.auto import tqdm
+    bar = tqdm(total=1, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+               file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = max(total, 1)
+        bar.n = done
+        bar.refresh()
+    return bar, progress
+
+
+def cmd_convert(args) -> int:
+    from .convert.pipeline import convert
+    options = _parse_o(args.options)
+    if options.pop("help", None) is not None or options.pop("?", None) is not None:
+        print(_options_help(args.output_format))
+        return 0
+    bar, progress = _progress_bar(args.progress, "convert")
+    try:
+        convert(args.src, args.dst, args.output_format, options=options, compress=args.compress,
+                source_format=args.format, snapshot=args.snapshot, sparse_size=args.sparse_size,
+                backing=args.backing, backing_format=args.backing_format,
+                overwrite=args.force, progress=progress, allow_paths=args.allow_path or None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0
+
+
+def cmd_create(args) -> int:
+    from .convert.pipeline import create
+    from .units import human_size
+    options = _parse_o(args.options)
+    if options.pop("help", None) is not None or options.pop("?", None) is not None:
+        print(_options_help(args.format))
+        return 0
+    size = args.size if args.size is not None else options.pop("size", None)
+    path = create(args.filename, args.format, size, options, backing=args.backing,
+                  backing_format=args.backing_format, overwrite=args.force,
+                  allow_paths=args.allow_path or None)
+    if not args.quiet:
+        import imgscope
+        with imgscope.open(path, args.format, allow_paths=args.allow_path or None) as img:
+            print(f"Formatting '{args.filename}', fmt={args.format} "
+                  f"size={img.virtual_size} ({human_size(img.virtual_size)})")
+    return 0
+
+
+def _not_yet(verb: str, exc: ModuleNotFoundError, module: str) -> int:
+    if exc.name != module:
+        raise exc
+    print(f"imgscope: {verb} is not supported yet", file=sys.stderr)
+    return 1
+
+
+def cmd_compare(args) -> int:
+    """qemu-img compare: exit 0 identical, 1 different, 2+ errors; text as qemu-img prints."""
+    try:
+        from .convert.compare import compare_images
+    except ModuleNotFoundError as exc:
+        return _not_yet("compare", exc, "imgscope.convert.compare")
+    bar, progress = _progress_bar(args.progress, "compare")
+    try:
+        result = compare_images(args.image_a, args.image_b, fmt_a=args.format,
+                                fmt_b=args.format_b, strict=args.strict,
+                                progress=(lambda stage, done, total: progress(done, total))
+                                if progress else None,
+                                allow_paths=args.allow_path or None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if result.message and not args.quiet:
+        stream = sys.stdout if result.exit_code in (0, 1) else sys.stderr
+        print(result.message, file=stream)
+    return result.exit_code
+
+
+def cmd_resize(args) -> int:
+    if args.size is None:
+        raise ImageError("resize needs a size: [+|-]SIZE", path=args.filename)
+    try:
+        from .convert.resize import resize_image
+    except ModuleNotFoundError as exc:
+        return _not_yet("resize", exc, "imgscope.convert.resize")
+    resize_image(args.filename, args.size, fmt=args.format, shrink=args.shrink)
+    if not args.quiet:
+        print("Image resized.")
+    return 0
+
+
+def _add_writing_verbs(sub) -> None:
+    F = argparse.RawDescriptionHelpFormatter
+    sp = sub.add_parser(
+        "convert", formatter_class=F,
+        help="convert an image to another format (qemu-img convert)",
+        usage="imgscope convert [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-c] [-S SPARSE_SIZE] "
+              "[-B BACKING_FILE [-F BACKING_FMT]] [-l SNAPSHOT] [-p] [--force] SRC DST",
+        description="Convert the disk image SRC to DST using format OUTPUT_FMT (raw by "
+                    "default, as qemu-img).\n\n"
+                    "SRC may also be FILE:partN (partition N of the image's guest disk, "
+                    "numbered as Linux does: 1-4 primary, 5+ logical) or FILE:lvm:LVNAME (a "
+                    "linear LVM logical volume on the guest disk).\n\n"
+                    "Only the source's data is read: unallocated and zero ranges are skipped, "
+                    "data is zero-detected per unit (-S), so the output stays sparse. The "
+                    "output is built in a temporary folder beside DST and appears under DST's "
+                    "name only when complete; an existing DST is refused unless --force "
+                    "(qemu-img's -n, 'skip target creation', is not offered).\n\n"
+                    "'-o help' lists the options of OUTPUT_FMT.")
+    sp.add_argument("-f", dest="format", metavar="FMT", help="source format (default: probe)")
+    sp.add_argument("-O", dest="output_format", metavar="OUTPUT_FMT", default="raw",
+                    help="output format (default raw)")
+    sp.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                    help="format options, comma separated key=value ('-o help' lists them)")
+    sp.add_argument("-c", dest="compress", action="store_true",
+                    help="compress the output (qcow2, vmdk streamOptimized, ...)")
+    sp.add_argument("-S", dest="sparse_size", type=_size, default=4096, metavar="SPARSE_SIZE",
+                    help="consecutive zero bytes that make a hole in the output "
+                         "(default 4k; 0 writes every byte)")
+    sp.add_argument("-B", dest="backing", metavar="BACKING_FILE",
+                    help="backing file of the output: only what differs from it is written")
+    sp.add_argument("-F", dest="backing_format", metavar="BACKING_FMT",
+                    help="format of the backing file (default: probe)")
+    sp.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                    help="convert this internal snapshot (name or id) of SRC")
+    sp.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    sp.add_argument("--force", action="store_true", help="replace DST if it exists")
+    sp.add_argument("--allow-path", action="append", metavar="DIR",
+                    help="also allow backing files under DIR")
+    sp.add_argument("src", metavar="SRC")
+    sp.add_argument("dst", metavar="DST")
+    sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser(
+        "create", formatter_class=F, help="create a new empty image (qemu-img create)",
+        usage="imgscope create [-f FMT] [-o OPTIONS] [-b BACKING_FILE [-F BACKING_FMT]] "
+              "[-q] [--force] FILENAME [SIZE]",
+        description="Create the new disk image FILENAME of size SIZE and format FMT. With "
+                    "-b, SIZE defaults to the backing file's size. SIZE takes k, M, G, T "
+                    "suffixes (powers of 1024). '-o help' lists the options of FMT.")
+    sp.add_argument("-f", dest="format", metavar="FMT", default="raw",
+                    help="image format (default raw)")
+    sp.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
+    sp.add_argument("-b", dest="backing", metavar="BACKING_FILE")
+    sp.add_argument("-F", dest="backing_format", metavar="BACKING_FMT")
+    sp.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    sp.add_argument("--force", action="store_true", help="replace FILENAME if it exists")
+    sp.add_argument("--allow-path", action="append", metavar="DIR")
+    sp.add_argument("filename", metavar="FILENAME")
+    sp.add_argument("size", metavar="SIZE", nargs="?", type=_size)
+    sp.set_defaults(func=cmd_create)
+
+    sp = sub.add_parser(
+        "compare", help="compare two images' guest disks (qemu-img compare)",
+        usage="imgscope compare [-f FMT] [-F FMT] [-s] [-p] [-q] FILENAME1 FILENAME2",
+        description="Check if two images have the same content. Exit 0 identical, 1 "
+                    "different, 2 an image could not be opened, 3 allocation status "
+                    "unknown, 4 read error.")
+    sp.add_argument("-f", dest="format", metavar="FMT", help="format of the first image")
+    sp.add_argument("-F", dest="format_b", metavar="FMT", help="format of the second image")
+    sp.add_argument("-s", dest="strict", action="store_true",
+                    help="strict mode: a size or allocation difference is a difference")
+    sp.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    sp.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    sp.add_argument("--allow-path", action="append", metavar="DIR")
+    sp.add_argument("image_a", metavar="FILENAME1")
+    sp.add_argument("image_b", metavar="FILENAME2")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser(
+        "resize", help="grow or shrink an image (qemu-img resize)",
+        usage="imgscope resize [-f FMT] [--shrink] [-q] FILENAME [+|-]SIZE",
+        description="Change the virtual size of FILENAME to SIZE, or by +SIZE / -SIZE. "
+                    "Shrinking needs --shrink (data past the new end is lost).")
+    sp.add_argument("-f", dest="format", metavar="FMT")
+    sp.add_argument("--shrink", action="store_true", help="allow making the image smaller")
+    sp.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    sp.add_argument("filename", metavar="FILENAME")
+    sp.add_argument("size", metavar="[+|-]SIZE", nargs="?")
+    sp.set_defaults(func=cmd_resize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgscope", description="Look inside VM disk images "
                                 "(qemu-img compatible verbs plus our own).")
@@ -279,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("regions", help="host-file layout: every byte's owner")
     common(sp, tab, "table")
     sp.set_defaults(func=cmd_regions)
+    _add_writing_verbs(sub)
     return p
 
 
@@ -290,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if (extra and getattr(args, "verb", None) == "tables" and args.name is None
             and len(extra) == 1 and not extra[0].startswith("-")):
         args.name, args.filename = args.filename, extra[0]
+    elif (extra and getattr(args, "verb", None) == "resize" and args.size is None
+          and len(extra) == 1):
+        args.size = extra[0]          # `-1G` looks like an option to argparse
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

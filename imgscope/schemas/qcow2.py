@@ -233,3 +233,52 @@ def u64_table(count) -> cs.Construct:
 def l2_table(entries: int, extended: bool) -> cs.Construct:
     """L2 entries: u64 descriptors, or (descriptor, subcluster bitmap) pairs."""
     return NumpyArray(entries, EXTENDED_L2_DTYPE if extended else TABLE_DTYPE)
+
+
+# ---- building a header cluster (writers) ---------------------------------------------
+# The feature name table qemu-img writes into every version 3 image, in its order.
+FEATURE_TABLE = ([("incompatible", bit, name) for bit, name in INCOMPAT_NAMES.items()]
+                 + [("compatible", bit, name) for bit, name in COMPAT_NAMES.items()]
+                 + [("autoclear", bit, name) for bit, name in AUTOCLEAR_NAMES.items()])
+_FEATURE_TYPES = {"incompatible": 0, "compatible": 1, "autoclear": 2}
+
+
+def build_extension(ext_type: int, payload: bytes) -> bytes:
+    """One header extension: type, length, data padded to 8 bytes."""
+    return (extension_header.build({"type": ext_type, "length": len(payload)})
+            + payload + bytes(-len(payload) % 8))
+
+
+def build_header(values: dict, *, backing_format: str | None = None,
+                 backing_name: str | None = None, feature_table: bool = True) -> bytes:
+    """Header, extensions and backing file name as qemu-img lays them out.
+
+    `values` holds the header_v2 fields (offsets of the backing name filled in
+    here) plus, for version 3, the header_v3_tail fields and compression_type.
+    Version 3 images get the backing format extension (when given), the feature
+    name table and the end marker; version 2 images get the backing format
+    extension only (qemu-img writes no feature table there), then the end marker
+    only when some extension precedes it.  qemu-img leaves the feature table out
+    when it does not fit in cluster 0 (512-byte clusters): callers pass
+    `feature_table=False` then.
+    """
+    v3 = values["version"] >= 3
+    head_len = HEADER_V3_MIN + 8 if v3 else HEADER_V2_SIZE
+    exts = b""
+    if backing_format:
+        exts += build_extension(EXT_BACKING_FORMAT, backing_format.encode())
+    if v3 and feature_table:
+        table = cs.GreedyRange(feature_entry).build(
+            [{"type": _FEATURE_TYPES[t], "bit": bit, "name": name} for t, bit, name in FEATURE_TABLE])
+        exts += build_extension(EXT_FEATURE_TABLE, table)
+    if exts:
+        exts += extension_header.build({"type": EXT_END, "length": 0})
+    name = (backing_name or "").encode()
+    fields = dict(values, backing_file_offset=head_len + len(exts) if name else 0,
+                  backing_file_size=len(name))
+    out = header_v2.build(fields)
+    if v3:
+        out += header_v3_tail.build(dict(fields, header_length=head_len))
+        out += header_v3_compression.build({"compression_type": fields.get("compression_type", 0),
+                                            "padding": bytes(7)})
+    return out + exts + name

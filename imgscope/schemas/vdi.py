@@ -163,3 +163,23 @@ def qemu_layout(disk_size: int) -> dict[str, int]:
     bmap = SECTOR
     data = bmap + -(-blocks * 4 // SECTOR) * SECTOR
     return {"disk_size": size, "blocks_in_image": blocks, "offset_bmap": bmap, "offset_data": data}
+
+
+# ---- build helpers (writers) ------------------------------------------------------------------------
+QEMU_BANNER = BANNERS[-1]
+#: qemu writes the pre-header and header into one 512-byte sector (the rest zero)
+HEADER_AREA = 512
+
+
+def header_v1_values(disk_size: int, blocks_in_image: int, blocks_allocated: int, *,
+                     image_type: int, offset_bmap: int, offset_data: int, uuid_image: str,
+                     uuid_last_snap: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                     description: str = "") -> dict:
+    """Every field of ``header_v1`` as qemu-img writes it (no legacy geometry, no parent)."""
+    return {"header_size": HEADER_V1_SIZE, "image_type": image_type, "image_flags": 0,
+            "description": description, "offset_bmap": offset_bmap, "offset_data": offset_data,
+            "cylinders": 0, "heads": 0, "sectors": 0, "sector_size": SECTOR, "unused1": 0,
+            "disk_size": disk_size, "block_size": block_size, "block_extra": 0,
+            "blocks_in_image": blocks_in_image, "blocks_allocated": blocks_allocated,
+            "uuid_image": uuid_image, "uuid_last_snap": uuid_last_snap,
+            "uuid_link": NULL_UUID, "uuid_parent": NULL_UUID}

@@ -151,6 +151,36 @@ def qemu_create_sectors(size: int) -> int:
     return c * h * s
 
 
+#: VHD time stamps count seconds from 2000-01-01 00:00:00 UTC
+TIMESTAMP_EPOCH = 946684800
+#: footer values QEMU's create writes (Virtual PC 2007 on Windows)
+QEMU_CREATOR = b"qemu"
+QEMU_FORCE_SIZE_CREATOR = b"qem2"
+QEMU_CREATOR_VERSION = 0x00050003
+QEMU_CREATOR_OS = b"Wi2k"
+FEATURES_RESERVED = 0x2
+
+
+def qemu_create_geometry(size: int, force_size: bool) -> tuple[int, tuple[int, int, int]]:
+    """(sectors, (cylinders, heads, sectorsPerTrack)) qemu-img create/convert gives a vpc
+    image asked to be `size` bytes: the size is rounded up to a sector; without
+    force_size the sector count grows until C*H*S covers it and C*H*S is the size;
+    with force_size (or when the geometry reaches the maximum) the geometry is
+    65535/16/255 and the sector count is the size itself."""
+    want = -(-int(size) // SECTOR)
+    if force_size:
+        chs = (65535, 16, 255)
+    else:
+        start = min(VHD_MAX_GEOMETRY, want)
+        chs = chs_geometry(start)
+        n = start
+        while chs[0] * chs[1] * chs[2] < start:
+            n += 1
+            chs = chs_geometry(n)
+    total = chs[0] * chs[1] * chs[2]
+    return (want if total == VHD_MAX_GEOMETRY else total), chs
+
+
 def uses_current_size(creator: bytes, chs_sectors: int) -> bool:
     """QEMU 7.2's rule: currentSize for Hyper-V, QEMU force_size, disk2vhd, XenServer,
     XenConverter, or when the geometry is the maximum one; else C*H*S."""

@@ -471,3 +471,26 @@ def checksum(data: bytes, field_offset: int = 4) -> int:
     """VHDX checksum: CRC-32C of the structure with its 4 checksum bytes taken as 0."""
     data = bytes(data)
     return crc32c(data[:field_offset] + b"\0\0\0\0" + data[field_offset + 4:])
+
+
+# ---- creation defaults (QEMU's vhdx_co_create) ----------------------------------------------
+
+DEFAULT_LOG_SIZE = 1 * MiB
+#: region/metadata entry flags qemu-img writes
+QEMU_REGION_FLAGS = 0
+QEMU_FILE_PARAMETERS_FLAGS = METADATA_IS_REQUIRED
+QEMU_DISK_ITEM_FLAGS = 0x6                 # is_virtual_disk | is_required
+#: where qemu-img puts the metadata items inside the metadata region
+METADATA_ITEMS_OFFSET = 64 * KiB
+
+
+def qemu_default_block_size(virtual_size: int) -> int:
+    """Block size qemu-img picks when block_size is 0: 8 MiB up to 1 GiB, 16 MiB up to
+    100 GiB, 32 MiB up to 32 TiB, 64 MiB beyond."""
+    if virtual_size > 32 * 1024 ** 4:
+        return 64 * MiB
+    if virtual_size > 100 * 1024 ** 3:
+        return 32 * MiB
+    if virtual_size > 1024 ** 3:
+        return 16 * MiB
+    return 8 * MiB

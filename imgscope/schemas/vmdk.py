@@ -362,3 +362,36 @@ def sesparse_gt_malformed(entries) -> np.ndarray:
     e = np.asarray(entries, dtype=np.uint64)
     kind = e >> np.uint64(SESPARSE_GTE_KIND_SHIFT)
     return (kind > np.uint64(3)) | ((kind == np.uint64(0)) & (e != np.uint64(0)))
+
+
+# ---- build helpers (writers) ------------------------------------------------------------------------
+#: flags of what qemu-img writes for a new sparse extent, and of VMware's stream format
+QEMU_SPARSE_FLAGS = FLAG_VALID_NEWLINE | FLAG_REDUNDANT_GRAIN_TABLE
+VMWARE_STREAM_FLAGS = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS
+
+
+def sparse_header_values(capacity: int, *, version: int = 1, flags: int = QEMU_SPARSE_FLAGS,
+                         grain_size: int = DEFAULT_GRAIN_SIZE, descriptor_offset: int = 0,
+                         descriptor_size: int = 0, num_gtes_per_gt: int = DEFAULT_GTES_PER_GT,
+                         rgd_offset: int = 0, gd_offset: int = 0, overhead: int = 0,
+                         compress_algorithm: int = COMPRESSION_NONE) -> dict:
+    """Every field of ``sparse_header`` for building one (a clean shutdown, newline bytes set)."""
+    return {"version": version, "flags": flags, "capacity": capacity, "grainSize": grain_size,
+            "descriptorOffset": descriptor_offset, "descriptorSize": descriptor_size,
+            "numGTEsPerGT": num_gtes_per_gt, "rgdOffset": rgd_offset, "gdOffset": gd_offset,
+            "overHead": overhead, "uncleanShutdown": 0,
+            "singleEndLineChar": NEWLINE_CHARS[0:1], "nonEndLineChar": NEWLINE_CHARS[1:2],
+            "doubleEndLineChar1": NEWLINE_CHARS[2:3], "doubleEndLineChar2": NEWLINE_CHARS[3:4],
+            "compressAlgorithm": compress_algorithm, "pad": bytes(433)}
+
+
+def build_marker(marker_type: int, val: int) -> bytes:
+    """One 512-byte metadata marker (`val` metadata sectors follow; EOS: type 0, val 0)."""
+    return marker.build({"val": val, "size": 0, "type": marker_type, "pad": bytes(496)})
+
+
+def stream_overhead(descriptor_offset: int, descriptor_size: int,
+                    grain_size: int = DEFAULT_GRAIN_SIZE) -> int:
+    """``overHead`` of a VMware-style stream: header and descriptor rounded up to a grain."""
+    end = max(1, int(descriptor_offset) + int(descriptor_size))
+    return -(-end // int(grain_size)) * int(grain_size)

@@ -1,0 +1,1 @@
+"""Writing images: create, convert, compare and resize over the common model."""
