@@ -129,8 +129,16 @@ class ImageWriter:
     def close(self) -> None:
         raise NotImplementedError
 
+    fd = -1                           # writers that keep one open file descriptor use this
+
+    def _close_fd(self) -> None:
+        if isinstance(self.fd, int) and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def abort(self) -> None:
         """Remove what was written (the pipeline only ever gives temporary folders)."""
+        self._close_fd()
         for p in self.written_files():
             try:
                 os.unlink(p)

@@ -161,12 +161,3 @@ class QcowWriter(ImageWriter):
             os.ftruncate(self.fd, max(self.eof, os.fstat(self.fd).st_size))
         finally:
             self._close_fd()
-
-    def abort(self) -> None:
-        self._close_fd()
-        super().abort()
-
-    def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

@@ -197,12 +197,3 @@ class VhdxWriter(ImageWriter):
             pwrite_all(self.fd, self._metadata(), self.metadata_offset)
         finally:
             self._close_fd()
-
-    def abort(self) -> None:
-        self._close_fd()
-        super().abort()
-
-    def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

@@ -120,12 +120,3 @@ class VpcWriter(ImageWriter):
                 pwrite_all(self.fd, footer, self.next_free)
         finally:
             self._close_fd()
-
-    def abort(self) -> None:
-        self._close_fd()
-        super().abort()
-
-    def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
