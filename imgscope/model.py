@@ -15,13 +15,12 @@ chain reads as zeros.  `depth` is the chain layer that supplies the bytes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import ImageError, ParseError
+from .errors import ParseError
 from .limits import Limits, DEFAULT_LIMITS
 from .io.source import Source
 
@@ -257,10 +256,9 @@ class Image:
     def open_guest(self):
         """A read-only, seekable binary file over the guest disk."""
         from .io.reader import GuestReader
-        table = self.extent_table()
-        # a backing layer may have larger (compressed) clusters than this one
-        return GuestReader(table, self.virtual_size,
-                           max(self.cluster_size or 0, table.cluster_size) or None)
+        # compressed runs of every layer decode to their own file's cluster size
+        # (ExtentTable.file_cluster_sizes), whatever this layer's cluster size is
+        return GuestReader(self.extent_table(), self.virtual_size, self.cluster_size)
 
     def check(self, progress=None):
         """Every rule of the checker (read-only): findings plus qemu-img check's counters."""

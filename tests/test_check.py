@@ -28,7 +28,7 @@ def _qcow2(tmp_path, name="x.qcow2", size="4M", writes=("write -P 0x11 0 64k",))
 
 def test_report_exit_codes_follow_qemu_img():
     def report(**counts):
-        return CheckReport("f", "qcow2", CheckCounts(**counts), [], True)
+        return CheckReport("f", "qcow2", CheckCounts(**counts), [])
     assert report().exit_code == 0 and report().verdict == "clean"
     assert report(leaks=3).exit_code == 3
     assert report(leaks=3, corruptions=1).exit_code == 2

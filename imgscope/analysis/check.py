@@ -103,7 +103,11 @@ class CheckReport:
     format: str
     counts: CheckCounts
     findings: list[Finding]
-    qemu_checks_format: bool
+
+    @property
+    def qemu_checks_format(self) -> bool:
+        """Whether `qemu-img check` can check this format at all (others exit 63 there)."""
+        return self.format in QEMU_CHECKS
 
     @property
     def verdict(self) -> str:
@@ -226,7 +230,7 @@ def check_image(image, *, progress: Progress | None = None) -> CheckReport:
                 counts.corruptions += 1
     findings = image._all_findings()
     name = getattr(image, "given_name", None) or str(image.path)
-    return CheckReport(name, image.format, counts, findings, image.format in QEMU_CHECKS)
+    return CheckReport(name, image.format, counts, findings)
 
 
 def check_path(path, format: str | None = None, *, progress: Progress | None = None,
@@ -241,8 +245,7 @@ def check_path(path, format: str | None = None, *, progress: Progress | None = N
         f = Finding("critical", "open_failed", f"the image cannot be opened: {exc.message}",
                     structure=exc.structure or "", file=exc.path or str(path),
                     host_offset=exc.offset)
-        return CheckReport(name, format or "", CheckCounts(check_errors=1), [f],
-                           (format or "") in QEMU_CHECKS)
+        return CheckReport(name, format or "", CheckCounts(check_errors=1), [f])
     with image:
         image.given_name = name
         return check_image(image, progress=progress)
@@ -250,9 +253,12 @@ def check_path(path, format: str | None = None, *, progress: Progress | None = N
 
 def generic_rules(ctx: CheckContext, regions, counting: bool = True) -> None:
     """Rules that hold for every format, on the host layout and the guest map."""
-    image = ctx.image
-    report = ctx.corruption if counting else (lambda code, msg, **kw: ctx.notice(
-        "error", code, msg, **{k: v for k, v in kw.items() if k not in ("count",)}))
+    def report(code: str, message: str, **where) -> None:
+        if counting:
+            ctx.corruption(code, message, **where)
+        else:
+            ctx.notice("error", code, message, **where)
+
     kinds = regions.kind.astype(str).to_numpy()
     over = np.flatnonzero(kinds == "overlap")
     for i in over[:100].tolist():
