@@ -93,6 +93,7 @@ class ImageWriter:
     wants_zero_units = False          # fixed layouts want every unit, zeros included
     supports_backing = False
     supports_compression = False
+    compress_always = False          # every unit goes through compress_unit (streamOptimized)
     accepts_runs = False             # write() may get several whole units at once
     sparse_unit_adjustable = False   # the unit is only a zero-test granule: the pipeline may
                                      # set it to the -S size

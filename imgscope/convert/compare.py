@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ImageError
 from ..model import KIND_ZERO, KIND_UNALLOCATED
+from .zeros import first_difference, first_nonzero
 
 SECTOR = 512
 BLOCK = 8 << 20                 # bytes read per side and step (qemu-img: 2 MiB)
@@ -140,11 +141,6 @@ def _merge(starts, ends, a_zero, b_zero, keep):
     return starts[first], ends[last], a_zero[first], b_zero[first]
 
 
-def _first_nonzero(buf: np.ndarray) -> int | None:
-    """Index of the first non-zero byte, or None (the cheap any() first)."""
-    return int(np.flatnonzero(buf)[0]) if buf.any() else None
-
-
 def _first_sector(block_start: int, index: int) -> int:
     """The offset qemu-img prints: the differing sector's start, counted from the block."""
     return block_start + index - index % SECTOR
@@ -157,10 +153,9 @@ def _compare_range(a: _Side, b: _Side, start: int, end: int, a_zero: bool,
     while pos < end:
         n = min(BLOCK, end - pos)
         if a_zero or b_zero:
-            hit = _first_nonzero((b if a_zero else a).read(pos, n))
+            hit = first_nonzero((b if a_zero else a).read(pos, n))
         else:
-            differs = a.read(pos, n) != b.read(pos, n)
-            hit = int(np.flatnonzero(differs)[0]) if differs.any() else None
+            hit = first_difference(a.read(pos, n), b.read(pos, n))
         if hit is not None:
             return _first_sector(pos, hit)
         pos += n
@@ -171,7 +166,7 @@ def _nonzero_in(side: _Side, start: int, end: int) -> int | None:
     pos = start
     while pos < end:
         n = min(BLOCK, end - pos)
-        hit = _first_nonzero(side.read(pos, n))
+        hit = first_nonzero(side.read(pos, n))
         if hit is not None:
             return _first_sector(pos, hit)
         pos += n

@@ -28,8 +28,10 @@ import numpy as np
 from ..errors import ConvertError, ImageError
 from ..model import KIND_DATA, KIND_COMPRESSED, KIND_ENCRYPTED, FLAG_HOST_HOLE
 from .writers import writer_class
+from .zeros import differ_units, nonzero_units, unit_runs
 
 BLOCK = 8 << 20                      # bytes read per step
+DEPTH = 4                            # blocks in flight: read ahead, being scanned, written
 Progress = Callable[[int, int], None]
 _SPEC = re.compile(r"^(?P<file>.+):(?:part(?P<part>\d+)|lvm:(?P<lv>[^:/]+))$")
 
@@ -204,41 +206,6 @@ def _backing_image(backing: str, backing_format: str | None, dst: Path, allow_pa
 
 
 # ---- convert ------------------------------------------------------------------------
-def _unit_runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first, stop) of each run of True in a boolean array."""
-    if not mask.any():
-        return []
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
-
-
-def _nonzero_units(view: np.ndarray, unit: int) -> np.ndarray:
-    """One bool per unit of `view` (the last may be short): holds a non-zero byte."""
-    full = view.size // unit
-    out = np.empty(full + (view.size % unit > 0), bool)
-    if full:
-        body = view[:full * unit]
-        words = body.view(np.uint64) if unit % 8 == 0 else body
-        out[:full] = words.reshape(full, -1).any(axis=1)
-    if view.size % unit:
-        out[-1] = view[full * unit:].any()
-    return out
-
-
-def _differ_units(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
-    full = a.size // unit
-    out = np.empty(full + (a.size % unit > 0), bool)
-    if full:
-        n = full * unit
-        if unit % 8 == 0:
-            out[:full] = (a[:n].view(np.uint64) != b[:n].view(np.uint64)).reshape(full, -1).any(axis=1)
-        else:
-            out[:full] = (a[:n] != b[:n]).reshape(full, -1).any(axis=1)
-    if a.size % unit:
-        out[-1] = (a[full * unit:] != b[full * unit:]).any()
-    return out
-
-
 class _Copier:
     """Hands the units of a block to the writer, directly or through the compressor pool."""
 
@@ -246,7 +213,7 @@ class _Copier:
         self.writer = writer
         self.runs_ok = bool(getattr(writer, "accepts_runs", False))
         self.pool = None
-        if compress:
+        if compress or writer.compress_always:
             if not writer.supports_compression or writer.compress_unit is None:
                 raise ConvertError(f"{writer.format} images do not support compression",
                                    path=str(writer.path))
@@ -298,8 +265,31 @@ def _aligned_runs(starts, ends, unit: int, size: int) -> list[tuple[int, int]]:
     return list(zip(s.tolist(), e.tolist()))
 
 
+def _blocks(runs: list[tuple[int, int]], block: int):
+    """(offset, length) of each read step: the runs cut into `block`-sized pieces."""
+    for start, end in runs:
+        for pos in range(start, end, block):
+            yield pos, min(block, end - pos)
+
+
+def _read_block(view: SourceView, backing: SourceView | None, pos: int, data: np.ndarray,
+                other: np.ndarray | None) -> None:
+    """Runs in the read thread: the source's bytes (and the backing's) into the buffers."""
+    view.reader.pread_into(pos, data)
+    if other is not None:
+        m = max(0, min(other.size, backing.size - pos))
+        if m:
+            backing.reader.pread_into(pos, other[:m])
+        other[m:] = 0
+
+
 def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progress | None,
-          backing: SourceView | None) -> None:
+          backing: SourceView | None, zero_fill: bool = False) -> None:
+    """Three stages overlap: a thread reads block k+1 and a thread writes block k-1
+    while this one decides, per unit, what block k holds (os.preadv/pwrite and the
+    numpy scans release the GIL).  Buffers go round a small ring, so memory stays
+    at DEPTH blocks whatever the disk size.  `zero_fill` (a target that was not
+    created empty) also hands every range holding no data to write_zeros()."""
     writer = copier.writer
     unit = writer.unit
     size = view.size
@@ -317,44 +307,94 @@ def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progres
     if progress:
         progress(0, total)
     block = max(unit, BLOCK // unit * unit)
-    buf = np.empty(block, np.uint8)
-    bbuf = np.empty(block, np.uint8) if backing is not None else None
     write_all = sparse_size == 0 or writer.wants_zero_units
-    for start, end in runs:
-        pos = start
-        while pos < end:
-            n = min(block, end - pos)
-            data = buf[:n]
-            view.reader.pread_into(pos, data)
-            nonzero = np.ones(-(-n // unit), bool) if write_all and backing is None \
-                else _nonzero_units(data, unit)
-            if backing is not None:
-                other = bbuf[:n]
-                if pos < backing.size:
-                    m = min(n, backing.size - pos)
-                    backing.reader.pread_into(pos, other[:m])
-                    other[m:] = 0
-                else:
-                    other[:] = 0
-                differ = _differ_units(data, other, unit)
-                for a, b in _unit_runs(differ & ~nonzero):
-                    copier.zeros(pos + a * unit, min(b * unit, n) - a * unit)
-                nonzero = differ & (nonzero | write_all)
-            for a, b in _unit_runs(nonzero):
-                copier.data(pos, data, a, b)
-            pos += n
-            done += n
-            if progress:
-                progress(done, total)
-    copier.flush()
+    ring = [(np.empty(block, np.uint8),
+             np.empty(block, np.uint8) if backing is not None else None)
+            for _ in range(DEPTH)]
+    reads: collections.deque = collections.deque()     # (pos, n, buffers, future), in order
+    writes: collections.deque = collections.deque()    # (buffers, future)
+    free = collections.deque(ring)
+    steps = _blocks(runs, block)
+    covered = 0                                        # zero_fill: the target is right below
+    with ThreadPoolExecutor(1, thread_name_prefix="imgscope-read") as read_pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="imgscope-write") as write_pool:
+        try:
+            def refill() -> None:
+                while free:
+                    step = next(steps, None)
+                    if step is None:
+                        return
+                    bufs = free.popleft()
+                    pos, n = step
+                    fut = read_pool.submit(_read_block, view, backing, pos, bufs[0][:n],
+                                           None if bufs[1] is None else bufs[1][:n])
+                    reads.append((pos, n, bufs, fut))
+
+            refill()
+            while reads:
+                pos, n, bufs, fut = reads.popleft()
+                fut.result()
+                data = bufs[0][:n]
+                actions = _block_actions(data, None if bufs[1] is None else bufs[1][:n],
+                                         unit, write_all, zero_fill)
+                if zero_fill and pos > covered:      # the gap before this run
+                    write_pool.submit(copier.zeros, covered, pos - covered)
+                covered = pos + n
+                writes.append((bufs, write_pool.submit(_apply, copier, pos, data, actions)))
+                # buffers whose block is written go back to the ring; wait for the
+                # oldest write only when nothing is left to read ahead into
+                while writes and (writes[0][1].done() or (not reads and not free)):
+                    done_bufs, wfut = writes.popleft()
+                    wfut.result()
+                    free.append(done_bufs)
+                    refill()
+                done += n
+                if progress:
+                    progress(done, total)
+            if zero_fill and covered < size:
+                write_pool.submit(copier.zeros, covered, size - covered)
+            while writes:
+                writes.popleft()[1].result()
+            write_pool.submit(copier.flush).result()
+        except BaseException:
+            for item in list(reads) + list(writes):
+                item[-1].cancel()
+            raise
+
+
+def _block_actions(data: np.ndarray, other: np.ndarray | None, unit: int,
+                   write_all: bool, zero_fill: bool = False) -> list[tuple[str, int, int]]:
+    """What to hand the writer for one block: ("data"|"zeros", first unit, stop unit)."""
+    nonzero = np.ones(-(-data.size // unit), bool) if write_all and other is None \
+        else nonzero_units(data, unit)
+    actions = []
+    if zero_fill and not write_all:
+        actions += [("zeros", a, b) for a, b in unit_runs(~nonzero)]
+    if other is not None:
+        differ = differ_units(data, other, unit)
+        actions += [("zeros", a, b) for a, b in unit_runs(differ & ~nonzero)]
+        nonzero = differ & (nonzero | write_all)
+    runs = [("data", a, b) for a, b in unit_runs(nonzero)]
+    return sorted(actions + runs, key=lambda a: a[1])
+
+
+def _apply(copier: _Copier, pos: int, data: np.ndarray, actions: list) -> None:
+    """Runs in the write thread: the block's units to the writer, in guest order."""
+    unit = copier.writer.unit
+    for what, a, b in actions:
+        if what == "data":
+            copier.data(pos, data, a, b)
+        else:
+            copier.zeros(pos + a * unit, min(b * unit, data.size) - a * unit)
 
 
 def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
             compress: bool = False, source_format: str | None = None,
             snapshot: str | None = None, sparse_size: int = 4096,
             backing: str | None = None, backing_format: str | None = None,
-            overwrite: bool = False, progress: Progress | None = None,
-            allow_paths=None, threads: int | None = None) -> Path:
+            overwrite: bool = False, into_existing: bool = False,
+            progress: Progress | None = None, allow_paths=None,
+            threads: int | None = None) -> Path:
     """Convert `src` (a path, `FILE:partN`, `FILE:lvm:LV`, an image, partition or reader)
     into a new image `dst` of `format`; returns the destination path.
 
@@ -362,13 +402,27 @@ def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
     (0: write every byte); `backing`/`backing_format` give the output a backing
     file and write only what differs from it; `progress(done, total)` is called
     after every block.  An existing `dst` is refused unless `overwrite`.
+    `into_existing` is qemu-img's -n: `dst` (a raw file or block device at
+    least as large as the source) is written in place, every byte of the guest
+    disk, holes punched or zeroed, nothing created or removed.
     """
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
         raise ConvertError(f"invalid sparse size {sparse_size}: a multiple of 512 bytes "
                            "(or 0) is needed")
+    if into_existing:
+        _refuse_into_existing(format, compress, backing)
     view = open_source(src, source_format, snapshot, allow_paths)
     staging = writer = copier = back = None
     try:
+        if into_existing:
+            writer = writer_class(format)(Path(dst), view.size, dict(options or {}),
+                                          existing=True)
+            if sparse_size:
+                writer.unit = sparse_size
+            copier = _Copier(writer, False, threads)
+            _copy(view, copier, sparse_size, progress, None, zero_fill=True)
+            writer.close()
+            return Path(dst)
         if backing:
             back_img = _backing_image(backing, backing_format, Path(dst), allow_paths)
             view.close.append(back_img)
@@ -400,6 +454,14 @@ def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
         if staging is not None:
             staging.cleanup()
         view.release()
+
+
+def _refuse_into_existing(format: str, compress: bool, backing: str | None) -> None:
+    if format != "raw":
+        raise ConvertError(f"-n writes into an existing raw file or block device; a {format} "
+                           "target is created (use --force to replace one)")
+    if compress or backing:
+        raise ConvertError("-n cannot be combined with -c or -B")
 
 
 def create(path, format: str, size: int | str | None = None, options: dict | None = None,

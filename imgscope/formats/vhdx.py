@@ -94,6 +94,13 @@ class _ReplayedSource:
             row = int(self._row[i])
             buf[lo - offset:hi - offset] = 0 if row < 0 else self._bodies[row, lo - p_off:hi - p_off]
 
+    def pread_into(self, offset: int, out: np.ndarray) -> int:
+        want = max(0, min(out.size, self.size - offset))
+        got = self._source.pread_into(offset, out[:want]) if offset < self._source.size else 0
+        out[got:want] = 0
+        self._patch(offset, out[:want])
+        return want
+
     def read_upto(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
         if length <= 0:

@@ -108,9 +108,8 @@ class GuestReader(PositionalReader):
             if kind == KIND_DATA:
                 src = t.files[int(t.file[i])]
                 host = int(t.host[i]) + (pos - run_start)
-                data = src.read_upto(host, stop - pos)
-                dst[:len(data)] = np.frombuffer(data, dtype=np.uint8)
-                dst[len(data):] = 0
+                got = src.pread_into(host, dst) if host < src.size else 0
+                dst[got:] = 0
             elif kind in (KIND_ZERO, KIND_UNALLOCATED):
                 dst[:] = 0
             elif kind == KIND_COMPRESSED:

@@ -90,6 +90,22 @@ class Source:
             length -= len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def pread_into(self, offset: int, out: np.ndarray) -> int:
+        """Fill `out` (a contiguous uint8 array) from `offset` without an extra copy;
+        the bytes read (short only at the end of the file; the rest is left as is)."""
+        view = memoryview(out).cast("B")
+        done, want = 0, min(view.nbytes, max(0, self.size - offset))
+        while done < want:
+            try:
+                n = os.preadv(self._fd, [view[done:want]], offset + done)
+            except OSError as exc:
+                raise ImageError(f"read failed: {exc.strerror}", path=str(self.path),
+                                 offset=offset + done) from None
+            if n <= 0:
+                break                      # the file shrank under us: the caller zero-fills
+            done += n
+        return done
+
     def gather(self, offsets: np.ndarray, width: int) -> np.ndarray:
         """`width` bytes at each offset as an (n, width) uint8 array, in one pass.
 

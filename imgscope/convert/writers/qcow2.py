@@ -23,7 +23,7 @@ from ...errors import ConvertError
 from ...schemas import qcow2 as S
 from ..base import ImageWriter, Option
 from ..base import pwrite_all
-from .raw import pwrite_sparse
+from ..zeros import write_nonzero
 
 _local = threading.local()
 
@@ -168,7 +168,7 @@ class Qcow2Writer(ImageWriter):
             host = self.next_free
             self.next_free += count * cs_
         if self.sparse_writes and self.prealloc in ("off", "metadata"):
-            pwrite_sparse(self._fd, data, host)
+            write_nonzero(self._fd, data, host)
         else:
             pwrite_all(self._fd, data, host)
         if self.prealloc != "off":

@@ -8,31 +8,29 @@ does (full writes nothing but asks for allocated blocks, which read as zeros).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from ...errors import ConvertError
 from ..base import ImageWriter, Option, pwrite_all
 
 SPARSE_UNIT = 4096
+ZERO_CHUNK = 8 << 20
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
-def pwrite_sparse(fd: int, data, offset: int, block: int = SPARSE_UNIT) -> None:
-    """Write only the `block`-sized pieces of `data` that hold a non-zero byte.
-
-    For freshly allocated host space (its unwritten bytes are holes that read
-    as zeros): the zero pieces stay holes, as qemu-img's -S leaves them.
-    """
-    import numpy as np
-    arr = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-    full = arr.size // block
-    mask = np.zeros(full + (arr.size % block > 0) + 2, np.int8)
-    if full:
-        mask[1:full + 1] = arr[:full * block].view(np.uint64).reshape(full, -1).any(axis=1)
-    if arr.size % block:
-        mask[full + 1] = arr[full * block:].any()
-    edges = np.flatnonzero(np.diff(mask))
-    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        pwrite_all(fd, arr[a * block:min(b * block, arr.size)], offset + a * block)
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a file so it reads as zeros (Linux fallocate); False when
+    the system or file system cannot, and the caller writes zeros instead."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 class RawWriter(ImageWriter):
@@ -45,9 +43,14 @@ class RawWriter(ImageWriter):
     accepts_runs = True          # write() may get several consecutive units at once
     sparse_unit_adjustable = True   # the pipeline may set `unit` from -S
 
-    def __init__(self, path: Path, size: int, options: dict | None = None, **kw) -> None:
+    def __init__(self, path: Path, size: int, options: dict | None = None, *,
+                 existing: bool = False, **kw) -> None:
         super().__init__(path, size, options, **kw)
         self.unit = SPARSE_UNIT
+        self.existing = existing
+        if existing:                 # qemu-img convert -n: a file or device that is kept
+            self._open_existing()
+            return
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.ftruncate(self._fd, self.size)
@@ -61,11 +64,37 @@ class RawWriter(ImageWriter):
             os.close(self._fd)
             raise
 
+    def _open_existing(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ConvertError(f"Could not open '{self.path}': {exc.strerror}",
+                               path=str(self.path)) from None
+        st = os.fstat(self._fd)
+        self._regular = stat.S_ISREG(st.st_mode)
+        have = st.st_size if self._regular else os.lseek(self._fd, 0, os.SEEK_END)
+        if not (self._regular or stat.S_ISBLK(st.st_mode)):
+            os.close(self._fd)
+            raise ConvertError("-n needs a regular file or a block device", path=str(self.path))
+        if have < self.size:
+            os.close(self._fd)
+            raise ConvertError(f"the existing target is {have} bytes, smaller than the "
+                               f"{self.size}-byte source", path=str(self.path))
+
     def write(self, guest_offset: int, data) -> None:
         pwrite_all(self._fd, data, guest_offset)
 
     def write_zeros(self, guest_offset: int, length: int) -> None:
-        """Already zeros: the file was created as one hole."""
+        """A new file is already zeros (one hole); an existing target gets its range
+        punched out (files) or overwritten with zeros (devices)."""
+        if not self.existing or length <= 0:
+            return
+        if self._regular and _punch_hole(self._fd, guest_offset, length):
+            return
+        zero = bytes(min(length, ZERO_CHUNK))
+        end = guest_offset + length
+        for off in range(guest_offset, end, ZERO_CHUNK):
+            pwrite_all(self._fd, memoryview(zero)[:min(ZERO_CHUNK, end - off)], off)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -74,4 +103,5 @@ class RawWriter(ImageWriter):
 
     def abort(self) -> None:
         self.close()
-        super().abort()
+        if not self.existing:          # an existing target is the caller's: never removed
+            super().abort()

@@ -16,7 +16,7 @@ import numpy as np
 from ...errors import ConvertError
 from ...schemas import vdi as S
 from ..base import ImageWriter, Option
-from .vmdk import write_nonzero
+from ..zeros import write_nonzero
 
 
 class VdiWriter(ImageWriter):

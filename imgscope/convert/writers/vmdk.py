@@ -24,6 +24,7 @@ from ...errors import ConvertError
 from ...schemas import vmdk as V
 from ...schemas.vmdk_descriptor import NO_PARENT_CID, build_descriptor, qemu_ddb
 from ..base import ImageWriter, Option
+from ..zeros import unit_runs, write_nonzero
 
 SECTOR = V.SECTOR
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
@@ -31,32 +32,10 @@ SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
 ADAPTERS = ("ide", "buslogic", "lsilogic", "legacyESX")
 MAX_SECTOR = 0xFFFFFFFF             # GD/GT entries are u32 sector numbers
 TABLE_CHUNK = 1 << 20               # GT entries built and written per step (4 MiB)
-ZERO_SCAN = 4096                    # flat extents skip all-zero 4 KiB pieces (as qemu-img)
 
 
 def _open_new(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of True in a 1-D boolean array."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
-
-
-def write_nonzero(fd: int, data, offset: int) -> None:
-    """Write only the 4 KiB pieces of `data` that are not all zeros (the rest stays a hole
-    in a file that was truncated to its size, as qemu-img convert leaves it)."""
-    view = np.frombuffer(data, np.uint8)
-    n = view.size
-    full = n - n % ZERO_SCAN
-    keep = np.zeros(-(-n // ZERO_SCAN), bool)
-    if full:
-        keep[:full // ZERO_SCAN] = view[:full].view(np.uint64).reshape(-1, ZERO_SCAN // 8).any(axis=1)
-    if full < n:
-        keep[-1] = view[full:].any()
-    for a, b in _runs(keep):
-        os.pwrite(fd, view[a * ZERO_SCAN:min(n, b * ZERO_SCAN)], offset + a * ZERO_SCAN)
 
 
 class _FlatExtent:
@@ -127,7 +106,7 @@ class _SparseExtent:
         os.pwrite(self.fd, V.gd_table(self.n_gd).build(gd), gd_sector * SECTOR)
         used = self.gt.reshape(self.n_gd, per).any(axis=1)
         step = max(1, TABLE_CHUNK // per)
-        for a, b in _runs(used):
+        for a, b in unit_runs(used):
             for c in range(a, b, step):
                 d = min(b, c + step)
                 block = V.gt_table((d - c) * per).build(self.gt[c * per:d * per])
