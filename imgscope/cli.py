@@ -8,7 +8,7 @@
     imgscope lvm [--output table|csv|json] FILE
     imgscope survey PATH...
     imgscope convert [-f FMT] [-O FMT] [-o k=v,...] [-c] [-S SIZE] [-B BACKING [-F FMT]]
-                     [-l SNAPSHOT] [-p] [--force] SRC DST
+                     [-l SNAPSHOT] [-p] [-n | --force] SRC DST
     imgscope create [-f FMT] [-o k=v,...] [-b BACKING [-F FMT]] FILE [SIZE]
     imgscope compare [-f FMT] [-F FMT] [-s] [-p] A B          (exit 0/1/2 as qemu-img)
     imgscope resize [-f FMT] [--shrink] FILE [+|-]SIZE
@@ -280,7 +280,8 @@ def cmd_convert(args) -> int:
         convert(args.src, args.dst, args.output_format, options=options, compress=args.compress,
                 source_format=args.format, snapshot=args.snapshot, sparse_size=args.sparse_size,
                 backing=args.backing, backing_format=args.backing_format,
-                overwrite=args.force, progress=progress, allow_paths=args.allow_path or None)
+                overwrite=args.force, into_existing=args.into_existing, progress=progress,
+                allow_paths=args.allow_path or None)
     finally:
         if bar is not None:
             bar.close()
@@ -306,19 +307,9 @@ def cmd_create(args) -> int:
     return 0
 
 
-def _not_yet(verb: str, exc: ModuleNotFoundError, module: str) -> int:
-    if exc.name != module:
-        raise exc
-    print(f"imgscope: {verb} is not supported yet", file=sys.stderr)
-    return 1
-
-
 def cmd_compare(args) -> int:
     """qemu-img compare: exit 0 identical, 1 different, 2+ errors; text as qemu-img prints."""
-    try:
-        from .convert.compare import compare_images
-    except ModuleNotFoundError as exc:
-        return _not_yet("compare", exc, "imgscope.convert.compare")
+    from .convert.compare import compare_images
     bar, progress = _progress_bar(args.progress, "compare")
     try:
         result = compare_images(args.image_a, args.image_b, fmt_a=args.format,
@@ -338,10 +329,7 @@ def cmd_compare(args) -> int:
 def cmd_resize(args) -> int:
     if args.size is None:
         raise ImageError("resize needs a size: [+|-]SIZE", path=args.filename)
-    try:
-        from .convert.resize import resize_image
-    except ModuleNotFoundError as exc:
-        return _not_yet("resize", exc, "imgscope.convert.resize")
+    from .convert.resize import resize_image
     resize_image(args.filename, args.size, fmt=args.format, shrink=args.shrink)
     if not args.quiet:
         print("Image resized.")
@@ -354,7 +342,7 @@ def _add_writing_verbs(sub) -> None:
         "convert", formatter_class=F,
         help="convert an image to another format (qemu-img convert)",
         usage="imgscope convert [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-c] [-S SPARSE_SIZE] "
-              "[-B BACKING_FILE [-F BACKING_FMT]] [-l SNAPSHOT] [-p] [--force] SRC DST",
+              "[-B BACKING_FILE [-F BACKING_FMT]] [-l SNAPSHOT] [-p] [-n | --force] SRC DST",
         description="Convert the disk image SRC to DST using format OUTPUT_FMT (raw by "
                     "default, as qemu-img).\n\n"
                     "SRC may also be FILE:partN (partition N of the image's guest disk, "
@@ -364,7 +352,9 @@ def _add_writing_verbs(sub) -> None:
                     "data is zero-detected per unit (-S), so the output stays sparse. The "
                     "output is built in a temporary folder beside DST and appears under DST's "
                     "name only when complete; an existing DST is refused unless --force "
-                    "(qemu-img's -n, 'skip target creation', is not offered).\n\n"
+                    "replaces it, or -n writes into it in place (qemu-img's 'skip target "
+                    "creation': a raw file or block device at least as large as SRC; every "
+                    "byte of it is written, zeros punched as holes).\n\n"
                     "'-o help' lists the options of OUTPUT_FMT.")
     sp.add_argument("-f", dest="format", metavar="FMT", help="source format (default: probe)")
     sp.add_argument("-O", dest="output_format", metavar="OUTPUT_FMT", default="raw",
@@ -384,6 +374,8 @@ def _add_writing_verbs(sub) -> None:
                     help="convert this internal snapshot (name or id) of SRC")
     sp.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     sp.add_argument("--force", action="store_true", help="replace DST if it exists")
+    sp.add_argument("-n", dest="into_existing", action="store_true",
+                    help="do not create DST: write into the existing raw file or device")
     sp.add_argument("--allow-path", action="append", metavar="DIR",
                     help="also allow backing files under DIR")
     sp.add_argument("src", metavar="SRC")

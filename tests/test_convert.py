@@ -11,6 +11,7 @@ re-opens it with no findings, and its actual size is within 10% of what
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -402,3 +403,66 @@ def test_cli_convert_create_compare(work, tmp_path, capsys):
     assert not (tmp_path / "n.qcow2").exists()
     assert cli_main(["convert", "-O", "raw", "-B", "x", str(work / "sparse.raw"),
                      str(tmp_path / "nb.raw")]) == 1
+
+
+def test_into_existing_target_is_written_in_place(work, tmp_path):
+    """-n (qemu-img's 'skip target creation'): an existing raw target full of
+    garbage, larger than the source, ends up holding the source's guest in its
+    first bytes (holes punched, so they read as zeros) and keeps its tail; the
+    file is the same inode, never replaced."""
+    src = work / "mixed.raw"
+    size = os.path.getsize(src)
+    dst = tmp_path / "device.raw"
+    rng = np.random.default_rng(11)
+    tail = rng.integers(0, 256, MiB, dtype=np.uint8).tobytes()
+    dst.write_bytes(rng.integers(1, 256, size, dtype=np.uint8).tobytes() + tail)
+    inode = os.stat(dst).st_ino
+    convert(src, dst, "raw", into_existing=True)
+    assert os.stat(dst).st_ino == inode
+    assert os.path.getsize(dst) == size + MiB
+    with open(dst, "rb") as f:
+        head = f.read(size)
+        assert f.read() == tail
+    assert hashlib.sha256(head).hexdigest() == oracle.sha256_file(src)
+    # the zero ranges were punched out, not written: the file is sparse again
+    assert _actual(dst) < size + MiB
+    # a qcow2 source through the CLI, with -S 0 (every byte written)
+    dst.write_bytes(b"\xee" * (size + MiB))
+    q = tmp_path / "src.qcow2"
+    oracle.run(oracle.QEMU_IMG, "convert", "-O", "qcow2", src, q)
+    assert cli_main(["convert", "-n", "-S", "0", "-O", "raw", str(q), str(dst)]) == 0
+    with open(dst, "rb") as f:
+        assert hashlib.sha256(f.read(size)).hexdigest() == oracle.sha256_file(src)
+        assert f.read() == b"\xee" * MiB
+
+
+def test_into_existing_refusals_leave_the_target(work, tmp_path):
+    src = work / "mixed.raw"
+    small = tmp_path / "small.raw"
+    small.write_bytes(b"\x01" * 4096)
+    with pytest.raises(ConvertError, match="smaller"):
+        convert(src, small, "raw", into_existing=True)
+    assert small.read_bytes() == b"\x01" * 4096
+    with pytest.raises(ConvertError, match="Could not open"):
+        convert(src, tmp_path / "missing.raw", "raw", into_existing=True)
+    assert not (tmp_path / "missing.raw").exists()
+    q = tmp_path / "t.qcow2"
+    oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "qcow2", q, "16M")
+    before = oracle.sha256_file(q)
+    with pytest.raises(ConvertError, match="existing raw"):
+        convert(src, q, "qcow2", into_existing=True)
+    assert cli_main(["convert", "-n", "-O", "qcow2", str(src), str(q)]) == 1
+    assert oracle.sha256_file(q) == before
+
+
+def test_package_functions_survive_their_modules_loading(work, tmp_path):
+    """imgscope.convert / create / compare / resize stay callable after the modules
+    behind them are imported (a package attribute must not shadow them)."""
+    import importlib
+    for name in ("pipeline", "compare", "resize", "writers", "zeros"):
+        importlib.import_module(f"imgscope.conversion.{name}")
+    for _ in range(2):
+        out = imgscope.convert(work / "sparse.raw", tmp_path / "twice.qcow2", "qcow2",
+                               overwrite=True)
+        assert imgscope.compare(work / "sparse.raw", out).identical
+    assert callable(imgscope.create) and callable(imgscope.resize)
