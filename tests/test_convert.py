@@ -466,3 +466,12 @@ def test_package_functions_survive_their_modules_loading(work, tmp_path):
                                overwrite=True)
         assert imgscope.compare(work / "sparse.raw", out).identical
     assert callable(imgscope.create) and callable(imgscope.resize)
+
+
+def test_progress_true_draws_a_tqdm_bar(work, tmp_path, capsys):
+    """progress=True: a tqdm bar (text on stderr outside Jupyter) that reaches the total."""
+    convert(work / "mixed.raw", tmp_path / "bar.qcow2", progress=True)
+    err = capsys.readouterr().err
+    assert "convert: 100%" in err and "B/s" in err
+    assert imgscope.compare(work / "mixed.raw", tmp_path / "bar.qcow2", progress=True).identical
+    assert "compare: 100%" in capsys.readouterr().err

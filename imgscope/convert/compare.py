@@ -181,10 +181,18 @@ def _open(path, fmt, allow_paths):
 
 
 def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
-                   strict: bool = False, progress: Progress | None = None,
+                   strict: bool = False, progress: Progress | bool | None = None,
                    allow_paths=None) -> CompareResult:
-    """Compare the guest disks of `a` and `b` (paths or opened images), read-only."""
+    """Compare the guest disks of `a` and `b` (paths or opened images), read-only.
+
+    `progress(stage, done, total)` follows the bytes compared; True: a tqdm bar.
+    """
     opened = []
+    close_bar = None
+    if progress is True:
+        from ..progress import byte_bar
+        bar, close_bar = byte_bar("compare")
+        progress = lambda stage, done, total: bar(done, total)  # noqa: E731
     try:
         sides = []
         for path, fmt in ((a, fmt_a), (b, fmt_b)):
@@ -206,6 +214,8 @@ def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
     finally:
         for image in opened:
             image.close()
+        if close_bar is not None:
+            close_bar()
 
 
 def _compare(a: _Side, b: _Side, strict: bool, progress: Progress | None) -> CompareResult:

@@ -393,7 +393,7 @@ def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
             snapshot: str | None = None, sparse_size: int = 4096,
             backing: str | None = None, backing_format: str | None = None,
             overwrite: bool = False, into_existing: bool = False,
-            progress: Progress | None = None, allow_paths=None,
+            progress: Progress | bool | None = None, allow_paths=None,
             threads: int | None = None) -> Path:
     """Convert `src` (a path, `FILE:partN`, `FILE:lvm:LV`, an image, partition or reader)
     into a new image `dst` of `format`; returns the destination path.
@@ -401,7 +401,8 @@ def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
     `options` are the format's `-o` options; `sparse_size` is qemu-img's `-S`
     (0: write every byte); `backing`/`backing_format` give the output a backing
     file and write only what differs from it; `progress(done, total)` is called
-    after every block.  An existing `dst` is refused unless `overwrite`.
+    after every block (`progress=True`: a tqdm bar, the widget inside Jupyter).
+    An existing `dst` is refused unless `overwrite`.
     `into_existing` is qemu-img's -n: `dst` (a raw file or block device at
     least as large as the source) is written in place, every byte of the guest
     disk, holes punched or zeroed, nothing created or removed.
@@ -411,6 +412,19 @@ def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
                            "(or 0) is needed")
     if into_existing:
         _refuse_into_existing(format, compress, backing)
+    from ..progress import resolve
+    progress, close_bar = resolve(progress, "convert")
+    try:
+        return _convert(src, dst, format, options, compress, source_format, snapshot,
+                        sparse_size, backing, backing_format, overwrite, into_existing,
+                        progress, allow_paths, threads)
+    finally:
+        close_bar()
+
+
+def _convert(src, dst, format, options, compress, source_format, snapshot, sparse_size,
+             backing, backing_format, overwrite, into_existing, progress, allow_paths,
+             threads) -> Path:
     view = open_source(src, source_format, snapshot, allow_paths)
     staging = writer = copier = back = None
     try:
