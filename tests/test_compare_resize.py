@@ -291,9 +291,9 @@ def test_resize_refusals(sources, tmp_path):
     _unchanged(qcow2, lambda: resize_image(qcow2, "-70M", shrink=True))
     _unchanged(qcow2, lambda: resize_image(qcow2, "+", shrink=True))
     # a format without resize support
-    vdi = tmp_path / "v.vdi"
-    oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "vdi", vdi, "1M")
-    _unchanged(vdi, lambda: resize_image(vdi, "+1M"))
+    vhdx = tmp_path / "v.vhdx"
+    oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "vhdx", vhdx, "1M")
+    _unchanged(vhdx, lambda: resize_image(vhdx, "+1M"))
 
 
 def test_resize_refuses_damaged_image(sources, tmp_path):
