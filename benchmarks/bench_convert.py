@@ -95,7 +95,7 @@ def build_frag_qcow2(path: Path, size: int, data: int) -> None:
 
 
 def has_writer(fmt: str) -> bool:
-    from imgscope.convert.writers import writer_class
+    from imgscope.conversion.writers import writer_class
     try:
         writer_class(fmt)
         return True

@@ -31,27 +31,27 @@ def probe(path):
 
 def convert(src, dst, format: str = "qcow2", **kw):
     """Convert an image (path, `FILE:partN`, `FILE:lvm:LV`, image, partition or reader)
-    into a new image; see imgscope.convert.pipeline.convert for the options."""
-    from .convert.pipeline import convert as _convert
+    into a new image; see imgscope.conversion.pipeline.convert for the options."""
+    from .conversion.pipeline import convert as _convert
     return _convert(src, dst, format, **kw)
 
 
 def create(path, format: str, size=None, options=None, backing=None, backing_format=None,
            **kw):
     """A new empty image, like qemu-img create (size may come from the backing file)."""
-    from .convert.pipeline import create as _create
+    from .conversion.pipeline import create as _create
     return _create(path, format, size, options, backing, backing_format, **kw)
 
 
 def compare(a, b, **kw):
     """Compare two images' guest disks like qemu-img compare (a CompareResult)."""
-    from .convert.compare import compare_images
+    from .conversion.compare import compare_images
     return compare_images(a, b, **kw)
 
 
 def resize(path, size, **kw):
     """Grow (or with shrink=True shrink) an image to `size` ("+1G", "-512M", "10G")."""
-    from .convert.resize import resize_image
+    from .conversion.resize import resize_image
     return resize_image(path, str(size), **kw)
 
 

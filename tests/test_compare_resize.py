@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import imgscope
-from imgscope.convert.compare import compare_images
-from imgscope.convert.resize import resize_image, parse_new_size
+from imgscope.conversion.compare import compare_images
+from imgscope.conversion.resize import resize_image, parse_new_size
 from imgscope.errors import ImageError
 
 import oracle

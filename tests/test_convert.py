@@ -23,7 +23,7 @@ import pytest
 
 import imgscope
 from imgscope.cli import main as cli_main
-from imgscope.convert.pipeline import convert, create
+from imgscope.conversion.pipeline import convert, create
 from imgscope.errors import ConvertError, ImageError
 from imgscope.model import KIND_COMPRESSED
 

@@ -34,8 +34,8 @@ import pytest
 
 import imgscope
 from imgscope.cli import main as cli_main
-from imgscope.convert.compare import compare_images
-from imgscope.convert.resize import _RESIZERS, parse_new_size
+from imgscope.conversion.compare import compare_images
+from imgscope.conversion.resize import _RESIZERS, parse_new_size
 from imgscope.errors import ConvertError, ImageError, Unsupported
 
 MiB = 1 << 20

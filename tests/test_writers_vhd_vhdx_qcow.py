@@ -3,7 +3,7 @@
 Sources (built once per module): a sparse raw file with a known random pattern, holes,
 data across block boundaries and a size that is not a multiple of 512, and a qcow2
 converted from it and then written to by qemu-io.  Every source is converted by
-imgscope (`imgscope.convert.pipeline.convert`) and by `qemu-img convert` with the same
+imgscope (`imgscope.conversion.pipeline.convert`) and by `qemu-img convert` with the same
 options; the output must be identical to the source for `qemu-img compare`, pass
 `qemu-img check` (vhdx; qemu-img has no check for vpc and qcow: exit 63), show the
 asked-for options and the same virtual size in `qemu-img info`, reopen in imgscope
@@ -24,8 +24,8 @@ import oracle
 import pytest
 
 import imgscope
-from imgscope.convert.pipeline import convert
-from imgscope.convert.writers import writer_class
+from imgscope.conversion.pipeline import convert
+from imgscope.conversion.writers import writer_class
 from imgscope.errors import ConvertError
 from imgscope.schemas import qcow as Q
 from imgscope.schemas import vhd as V
@@ -299,7 +299,7 @@ def test_abort_leaves_nothing(tmp_path):
 def test_create_matches_qemu_create(fmt, size, opts, tmp_path):
     """Empty images (imgscope create) at the edges: qemu-img info gives the virtual size and
     cluster size of `qemu-img create` with the same options; vhdx passes qemu-img check."""
-    from imgscope.convert.pipeline import create
+    from imgscope.conversion.pipeline import create
     mine, theirs = tmp_path / f"mine.{fmt}", tmp_path / f"qemu.{fmt}"
     create(mine, fmt, size, opts)
     o = ["-o", ",".join(f"{k}={v}" for k, v in opts.items())] if opts else []

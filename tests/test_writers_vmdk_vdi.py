@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import imgscope
-from imgscope.convert.pipeline import convert
-from imgscope.convert.writers import writer_class
+from imgscope.conversion.pipeline import convert
+from imgscope.conversion.writers import writer_class
 from imgscope.errors import ConvertError
 from imgscope.model import KIND_COMPRESSED, KIND_DATA
 from imgscope.schemas import vdi as S
