@@ -7,6 +7,8 @@
     imgscope partitions [--output table|csv|json] FILE
     imgscope lvm [--output table|csv|json] FILE
     imgscope survey PATH...
+    imgscope hexdump [--structure NAME|list | --offset N [--length N]] [--file N]
+                     [--output text|html|json] [--color] [-f FMT] FILE
     imgscope convert [-f FMT] [-O FMT] [-o k=v,...] [-c] [-S SIZE] [-B BACKING [-F FMT]]
                      [-l SNAPSHOT] [-p] [-n | --force] SRC DST
     imgscope create [-f FMT] [-o k=v,...] [-b BACKING [-F FMT]] FILE [SIZE]
@@ -40,14 +42,15 @@ def _name_chain(img) -> None:
     """Name each layer as qemu does: parent paths joined to the child's given name."""
     import os
     from .info import full_backing_name
+    child = None
     for layer in img.chain:
-        if layer is not img:
-            layer.given_name = full_backing_name(layer_child)
+        if child is not None:          # a backing layer: named from the layer above it
+            layer.given_name = full_backing_name(child)
         layer.source.given_name = layer.given_name
         for src in layer.files()[1:]:
             if src.named_as and not os.path.isabs(src.named_as):
                 src.given_name = os.path.join(os.path.dirname(layer.given_name), src.named_as)
-        layer_child = layer
+        child = layer
 
 
 def _size(text: str) -> int:
@@ -188,6 +191,45 @@ def cmd_lvm(args) -> int:
     return 0
 
 
+def _offset(text: str) -> int:
+    """A byte offset or length: 4096, 0x1000, 64k, 1M."""
+    t = text.strip().lower()
+    try:
+        return int(t, 16) if t.startswith("0x") else _size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid offset {text!r}") from None
+
+
+def cmd_hexdump(args) -> int:
+    """A structure or byte range with every field named (text like hexdump -C, html, json)."""
+    from . import hexview
+    try:
+        img = _open(args)
+    except ImageError as exc:
+        if args.structure is not None:
+            raise
+        # a file no driver can read is still worth seeing: its bytes, unannotated
+        import imgscope
+        try:
+            img = imgscope.open(args.filename, "raw")
+        except ImageError:
+            raise exc from None
+        print(f"imgscope: {exc}; showing the bytes unannotated", file=sys.stderr)
+    if args.structure == "list":
+        for name in hexview.structures(img) + hexview.structure_forms(img):
+            print(name)
+        return 0
+    d = hexview.annotate(img, args.structure, offset=args.offset, length=args.length,
+                         file=args.file)
+    if args.output == "html":
+        print(d.html())
+    elif args.output == "json":
+        print(json.dumps(d.to_json(), indent=2))
+    else:
+        sys.stdout.write(d.text(width=args.width, colour=args.color))
+    return 0
+
+
 def cmd_survey(args) -> int:
     """One line per image in the given files/folders: what it is and what it holds."""
     import imgscope
@@ -243,7 +285,7 @@ def _parse_o(texts: list[str] | None) -> dict:
 
 
 def _options_help(fmt: str) -> str:
-    from .convert.writers import writer_class
+    from .conversion.writers import writer_class
     cls = writer_class(fmt)
     lines = [f"Supported options ({cls.format}):"]
     lines.append(f"  {'size':<24} <size>     - Virtual disk size")
@@ -270,7 +312,7 @@ def _progress_bar(enabled: bool, desc: str):
 
 
 def cmd_convert(args) -> int:
-    from .convert.pipeline import convert
+    from .conversion.pipeline import convert
     options = _parse_o(args.options)
     if options.pop("help", None) is not None or options.pop("?", None) is not None:
         print(_options_help(args.output_format))
@@ -289,7 +331,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_create(args) -> int:
-    from .convert.pipeline import create
+    from .conversion.pipeline import create
     from .units import human_size
     options = _parse_o(args.options)
     if options.pop("help", None) is not None or options.pop("?", None) is not None:
@@ -309,7 +351,7 @@ def cmd_create(args) -> int:
 
 def cmd_compare(args) -> int:
     """qemu-img compare: exit 0 identical, 1 different, 2+ errors; text as qemu-img prints."""
-    from .convert.compare import compare_images
+    from .conversion.compare import compare_images
     bar, progress = _progress_bar(args.progress, "compare")
     try:
         result = compare_images(args.image_a, args.image_b, fmt_a=args.format,
@@ -329,7 +371,7 @@ def cmd_compare(args) -> int:
 def cmd_resize(args) -> int:
     if args.size is None:
         raise ImageError("resize needs a size: [+|-]SIZE", path=args.filename)
-    from .convert.resize import resize_image
+    from .conversion.resize import resize_image
     resize_image(args.filename, args.size, fmt=args.format, shrink=args.shrink)
     if not args.quiet:
         print("Image resized.")
@@ -431,6 +473,23 @@ def _add_writing_verbs(sub) -> None:
     sp.set_defaults(func=cmd_resize)
 
 
+def _hexdump_options(sp) -> None:
+    what = sp.add_mutually_exclusive_group()
+    what.add_argument("--structure", metavar="NAME",
+                      help="structure to show (default: the header); 'list' prints the names "
+                           "this image has, including forms like l2@OFFSET")
+    what.add_argument("--offset", type=_offset, metavar="N",
+                      help="show the bytes from offset N of the host file instead")
+    sp.add_argument("--length", type=_offset, metavar="N",
+                    help="bytes to show (default 256 from --offset; a structure is cut at "
+                         "4 KiB unless a length is given; at most 16 KiB)")
+    sp.add_argument("--file", type=int, default=0, metavar="N",
+                    help="host file number for --offset (VMDK extents, data files; default 0)")
+    sp.add_argument("--width", type=int, default=16, metavar="N", help="bytes per line (text)")
+    sp.add_argument("--color", "--colour", dest="color", action="store_true",
+                    help="colour the fields (ANSI, text output)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgscope", description="Look inside VM disk images "
                                 "(qemu-img compatible verbs plus our own).")
@@ -493,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--allow-path", action="append", metavar="DIR")
     sp.set_defaults(func=cmd_survey)
+
+    sp = sub.add_parser("hexdump", help="annotated hex dump: every field of a structure named "
+                        "and explained ('--structure list' names them)")
+    common(sp, ("text", "html", "json"), "text", before_file=_hexdump_options)
+    sp.set_defaults(func=cmd_hexdump)
 
     sp = sub.add_parser("regions", help="host-file layout: every byte's owner")
     common(sp, tab, "table")
