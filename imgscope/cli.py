@@ -371,10 +371,16 @@ def cmd_compare(args) -> int:
 def cmd_resize(args) -> int:
     if args.size is None:
         raise ImageError("resize needs a size: [+|-]SIZE", path=args.filename)
-    from .conversion.resize import resize_image
-    resize_image(args.filename, args.size, fmt=args.format, shrink=args.shrink)
+    from .conversion.resize import resize_image, parse_new_size
+    import imgscope
+    with imgscope.open(args.filename, args.format) as img:
+        asked = parse_new_size(args.size, img.virtual_size)
+    size = resize_image(args.filename, args.size, fmt=args.format, shrink=args.shrink)
     if not args.quiet:
         print("Image resized.")
+    if size != asked:
+        print(f"note: the disk is {size} bytes (the format rounds the size asked, {asked})",
+              file=sys.stderr)
     return 0
 
 

@@ -441,3 +441,27 @@ def test_crash_after_any_phase_keeps_data(src, tmp_path, name, size):
             assert oracle.qemu_check(work, fmt)[0] in ((0, 2) if fmt == "vdi" else (0,)), k
     assert len(sizes) == 2
     _assert_clean(work, fmt, ("unreferenced_space",))
+
+
+def test_vpc_bat_grows_past_the_end_footer(tmp_path, capsys):
+    """A freshly made dynamic VHD ends right after its 512-byte BAT: growing it to
+    100 GiB moves the end footer (and the blocks in the BAT's way) beyond the new
+    BAT; old data stays, the new space is writable, and the CLI says when the
+    format rounded the size."""
+    from imgscope.cli import main as cli_main
+    img = tmp_path / "grow.vhd"
+    oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "vpc", img, "64M")
+    oracle.run("qemu-io", "-f", "vpc", "-c", "write -P 0x11 0 64k", "-c",
+               "write -P 0x22 60M 64k", img)
+    assert cli_main(["resize", str(img), "100G"]) == 0
+    err = capsys.readouterr().err
+    size = oracle.qemu_info(img)["virtual-size"]
+    assert size >= 100 << 30 and f"the disk is {size} bytes" in err
+    oracle.run("qemu-io", "-f", "vpc", "-c", "write -P 0x5b 90G 64k", img)
+    out = oracle.run("qemu-io", "-f", "vpc", "-c", "read -P 0x11 0 64k", "-c",
+                     "read -P 0x22 60M 64k", "-c", "read -P 0x5b 90G 64k", "-c",
+                     "read -P 0 64M 64k", img).stdout
+    assert "Pattern verification failed" not in out and out.count("read ") == 4
+    with imgscope.open(img) as image:
+        assert image.check().exit_code == 0
+        assert set(image.findings.code) <= {"unreferenced_space"}

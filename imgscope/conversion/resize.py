@@ -702,12 +702,12 @@ def _vpc_dynamic(image, size: int, geometry: tuple):
     _table_limit(image, need, "VHD BAT")
     idx, start, _ = image._block_ranges()
     start = start.astype(np.int64)
-    others = [footer_off]
+    others = []                   # what may not move (the end footer does move)
     if image.header_offset is not None and image.header_offset >= bat_off:
         others.append(image.header_offset)
     others += [loc["platformDataOffset"] for loc in image.locators
                if loc["platformDataLength"] and loc["platformDataOffset"] >= bat_off]
-    if min(others) < bat_off + need:
+    if others and min(others) < bat_off + need:
         raise Unsupported("the VHD BAT cannot grow: the dynamic header or parent locator data "
                           "follows it", **where)
     in_way = np.flatnonzero((start >= bat_off) & (start < bat_off + need))
@@ -719,12 +719,15 @@ def _vpc_dynamic(image, size: int, geometry: tuple):
     _vpc_hidden_tail(image, writes.copy)          # in place, before any block is copied
     end_footer = footer_off
     bat = image.bat.astype(V.BAT_DTYPE)
-    if in_way.size:
-        # the blocks in the way move to the end: the footer first (the file always ends
-        # with one), then the copies over the old footer, then the BAT points at them
-        end_footer = footer_off + in_way.size * block_bytes
+    # where moved blocks (and the end footer) go: past the old footer and the grown BAT
+    new_base = max(footer_off, -(-(bat_off + need) // V.SECTOR) * V.SECTOR)
+    if in_way.size or new_base > footer_off:
+        # the footer first (the file always ends with one), then the copies of the
+        # blocks in the way, then the BAT points at them
+        end_footer = new_base + in_way.size * block_bytes
         writes.copy.append((end_footer, src.read(footer_off, V.FOOTER_SIZE, "footer")))
-        targets = footer_off + np.arange(in_way.size, dtype=np.int64) * block_bytes
+    if in_way.size:
+        targets = new_base + np.arange(in_way.size, dtype=np.int64) * block_bytes
         for target, k in zip(targets.tolist(), in_way.tolist()):     # a few blocks
             writes.copy.append((target, _Copy(int(start[k]), block_bytes)))
         bat[idx[in_way]] = (targets // V.SECTOR).astype(V.BAT_DTYPE)
