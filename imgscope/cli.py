@@ -296,37 +296,17 @@ def _options_help(fmt: str) -> str:
     return "\n".join(lines)
 
 
-def _progress_bar(enabled: bool, desc: str):
-    """A tqdm bar (the notebook widget inside Jupyter) and its (done, total) callback."""
-    if not enabled:
-        return None, None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=1, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-               file=sys.stderr, leave=False)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = max(total, 1)
-        bar.n = done
-        bar.refresh()
-    return bar, progress
-
-
 def cmd_convert(args) -> int:
     from .conversion.pipeline import convert
     options = _parse_o(args.options)
     if options.pop("help", None) is not None or options.pop("?", None) is not None:
         print(_options_help(args.output_format))
         return 0
-    bar, progress = _progress_bar(args.progress, "convert")
-    try:
-        convert(args.src, args.dst, args.output_format, options=options, compress=args.compress,
-                source_format=args.format, snapshot=args.snapshot, sparse_size=args.sparse_size,
-                backing=args.backing, backing_format=args.backing_format,
-                overwrite=args.force, into_existing=args.into_existing, progress=progress,
-                allow_paths=args.allow_path or None)
-    finally:
-        if bar is not None:
-            bar.close()
+    convert(args.src, args.dst, args.output_format, options=options, compress=args.compress,
+            source_format=args.format, snapshot=args.snapshot, sparse_size=args.sparse_size,
+            backing=args.backing, backing_format=args.backing_format,
+            overwrite=args.force, into_existing=args.into_existing, progress=args.progress,
+            allow_paths=args.allow_path or None)
     return 0
 
 
@@ -352,16 +332,9 @@ def cmd_create(args) -> int:
 def cmd_compare(args) -> int:
     """qemu-img compare: exit 0 identical, 1 different, 2+ errors; text as qemu-img prints."""
     from .conversion.compare import compare_images
-    bar, progress = _progress_bar(args.progress, "compare")
-    try:
-        result = compare_images(args.image_a, args.image_b, fmt_a=args.format,
-                                fmt_b=args.format_b, strict=args.strict,
-                                progress=(lambda stage, done, total: progress(done, total))
-                                if progress else None,
-                                allow_paths=args.allow_path or None)
-    finally:
-        if bar is not None:
-            bar.close()
+    result = compare_images(args.image_a, args.image_b, fmt_a=args.format,
+                            fmt_b=args.format_b, strict=args.strict,
+                            progress=bool(args.progress), allow_paths=args.allow_path or None)
     if result.message and not args.quiet:
         stream = sys.stdout if result.exit_code in (0, 1) else sys.stderr
         print(result.message, file=stream)

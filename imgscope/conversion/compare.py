@@ -189,7 +189,9 @@ def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
     """
     opened = []
     close_bar = None
-    if progress is True:
+    if progress is False:
+        progress = None
+    elif progress is True:
         from ..progress import byte_bar
         bar, close_bar = byte_bar("compare")
         progress = lambda stage, done, total: bar(done, total)  # noqa: E731

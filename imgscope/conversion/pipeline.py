@@ -458,16 +458,22 @@ def _convert(src, dst, format, options, compress, source_format, snapshot, spars
         staging.commit(writer.written_files())
         return Path(dst)
     except BaseException:
-        if writer is not None:
-            try:
-                writer.abort()
-            except Exception:  # the folder goes anyway
-                pass
+        _abort_quietly(writer)
         raise
     finally:
         if staging is not None:
             staging.cleanup()
         view.release()
+
+
+def _abort_quietly(writer) -> None:
+    """Undo a writer after a failure; its own errors must not hide the first one
+    (the temporary folder is removed anyway)."""
+    if writer is not None:
+        try:
+            writer.abort()
+        except Exception:
+            pass
 
 
 def _refuse_into_existing(format: str, compress: bool, backing: str | None) -> None:
@@ -513,11 +519,7 @@ def create(path, format: str, size: int | str | None = None, options: dict | Non
         staging.commit(writer.written_files())
         return Path(path)
     except BaseException:
-        if writer is not None:
-            try:
-                writer.abort()
-            except Exception:
-                pass
+        _abort_quietly(writer)
         raise
     finally:
         staging.cleanup()
