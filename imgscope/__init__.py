@@ -49,12 +49,19 @@ def compare(a, b, **kw):
     return compare_images(a, b, **kw)
 
 
+def explore(image_or_path, **kw):
+    """An interactive explorer (ipywidgets) over an image or a path: summary, header fields,
+    every table paged, extents, regions, findings, hex view and translation stepper."""
+    from .widgets import explore as _explore
+    return _explore(image_or_path, **kw)
+
+
 def resize(path, size, **kw):
     """Grow (or with shrink=True shrink) an image to `size` ("+1G", "-512M", "10G")."""
     from .conversion.resize import resize_image
     return resize_image(path, str(size), **kw)
 
 
-__all__ = ["convert", "create", "compare", "resize", "open", "probe", "Limits", "ImageError", "UnknownFormat", "ParseError",
+__all__ = ["convert", "create", "compare", "resize", "explore", "open", "probe", "Limits", "ImageError", "UnknownFormat", "ParseError",
            "Truncated", "Unsupported", "UnsafePath", "LimitExceeded", "ChainError",
            "RepairError", "ConvertError", "__version__"]
