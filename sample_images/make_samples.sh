@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates the small sample images in this folder with qemu-img / qemu-io.
-# Deterministic contents (fixed patterns); only timestamps and LUKS salts vary.
+# Regenerates every image stored in this folder (and, last, the corrupt/ set) with
+# qemu-img / qemu-io 7.2 and sfdisk, in a few seconds.  The guest contents are fixed patterns.
+# Only what the tools make up on their own changes from run to run (README.md lists it):
+# snapshot dates (demo.qcow2), the VMDK CID, VDI UUIDs, the VHD time stamp, unique id
+# and checksum, VHDX GUIDs and CRCs.
 set -euo pipefail
 cd "$(dirname "$0")"
 rm -f demo.qcow2 chain-base.qcow2 chain-top.qcow2 compressed.qcow2 sparse.raw stream.vmdk sparse.vmdk \
@@ -51,4 +54,7 @@ GPT
 qemu-io -f raw -c "write -P 0xe5 1M 64k" -c "write -P 0x77 3M 128k" gpt-disk.raw >/dev/null
 qemu-img convert -O qcow2 gpt-disk.raw gpt-disk.qcow2
 rm -f gpt-disk.raw
+
+# corrupt/: clean images made the same way, then the documented pokes (MANIFEST.json)
+python3 corrupt/make_corrupt.py >/dev/null
 ls -l
