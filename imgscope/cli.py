@@ -545,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # imgscope does no linear algebra: numpy's BLAS worker threads (started at import)
+    # would only compete with the copy threads for the CPUs
+    if "numpy" not in sys.modules:
+        import os
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `tables NAME --output json FILE`: argparse takes NAME as FILE when options

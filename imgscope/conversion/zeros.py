@@ -47,6 +47,8 @@ def differ_units(a: np.ndarray, b: np.ndarray, unit: int) -> np.ndarray:
 
 def unit_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first, stop) of each run of True in a boolean array."""
+    if mask.all():                       # the common cases, without the edge arithmetic
+        return [(0, int(mask.size))] if mask.size else []
     if not mask.any():
         return []
     edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
