@@ -141,3 +141,26 @@ def test_clean_images_have_no_findings(qcow2_corpus):
             if len(img.findings):
                 bad[name] = img.findings.code.tolist()
     assert not bad, bad
+
+
+def test_l2_frame_flags_follow_the_entry_kind(qcow2_corpus):
+    """zero_flag is bit 0 of standard entries only (in compressed entries bit 0 is part
+    of the host offset); the frame's zero rows are exactly the guest ranges qemu-img map
+    reports as zero without data of this layer, compressed rows never zero."""
+    from pathlib import Path
+    seen_compressed = False
+    paths = [s.path for s in qcow2_corpus.values()]
+    paths.append(Path(__file__).resolve().parents[1] / "sample_images" / "compressed.qcow2")
+    for path in paths:
+        with imgscope.open(path) as img:
+            if "l2" not in img.tables:
+                continue
+            l2 = img.tables["l2"]
+            comp = l2["compressed"].to_numpy()
+            zero = l2["zero_flag"].to_numpy()
+            raw = l2["raw"].to_numpy().astype(np.uint64)
+            assert not (comp & zero).any(), path
+            std = ~comp
+            assert ((raw[std] & np.uint64(1)) == 1).tolist() == zero[std].tolist(), path
+            seen_compressed |= bool((comp & ((raw & np.uint64(1)) == 1)).any())
+    assert seen_compressed, "the corpus should hold a compressed entry with bit 0 set"

@@ -75,7 +75,9 @@ def l2_frame(img) -> pd.DataFrame:
         "compressed_size": hlen,
         "copied": (e >> U64(63)) == 1,
         "compressed": ((e >> U64(62)) & U64(1)) == 1,
-        "zero_flag": (e & U64(1)) == 1,
+        # bit 0 is a zero flag only in standard entries; in compressed ones it
+        # belongs to the compressed data's host offset
+        "zero_flag": ((e & U64(1)) == 1) & (((e >> U64(62)) & U64(1)) == 0),
         "reserved": np.where(((e >> U64(62)) & U64(1)) == 1, U64(0),
                              e & U64(S.L2E_STD_RESERVED_MASK)).astype(U64),
     })
