@@ -32,6 +32,7 @@ from .zeros import differ_units, nonzero_units, unit_runs
 
 BLOCK = 8 << 20                      # bytes read per step
 DEPTH = 4                            # blocks in flight: read ahead, being scanned, written
+MAX_PIECES = 256                     # runs packed into one block at most
 Progress = Callable[[int, int], None]
 _SPEC = re.compile(r"^(?P<file>.+):(?:part(?P<part>\d+)|lvm:(?P<lv>[^:/]+))$")
 
@@ -265,28 +266,47 @@ def _aligned_runs(starts, ends, unit: int, size: int) -> list[tuple[int, int]]:
     return list(zip(s.tolist(), e.tolist()))
 
 
-def _blocks(runs: list[tuple[int, int]], block: int):
-    """(offset, length) of each read step: the runs cut into `block`-sized pieces."""
+def _steps(runs: list[tuple[int, int]], block: int, unit: int):
+    """Read steps: (pieces, bytes used), each piece (guest offset, length, buffer offset).
+
+    Runs are cut into `block`-sized pieces and small runs packed together, each at a
+    unit-aligned place in one buffer, so a disk of many small runs costs one read
+    task, one scan and one write task per buffer, not per run."""
+    pieces: list[tuple[int, int, int]] = []
+    used = 0
     for start, end in runs:
-        for pos in range(start, end, block):
-            yield pos, min(block, end - pos)
+        pos = start
+        while pos < end:
+            n = min(end - pos, block - used)
+            pieces.append((pos, n, used))
+            used += -(-n // unit) * unit
+            pos += n
+            if used >= block or len(pieces) >= MAX_PIECES:
+                yield pieces, used
+                pieces, used = [], 0
+    if pieces:
+        yield pieces, used
 
 
-def _read_block(view: SourceView, backing: SourceView | None, pos: int, data: np.ndarray,
-                other: np.ndarray | None) -> None:
-    """Runs in the read thread: the source's bytes (and the backing's) into the buffers."""
-    view.reader.pread_into(pos, data)
-    if other is not None:
-        m = max(0, min(other.size, backing.size - pos))
-        if m:
-            backing.reader.pread_into(pos, other[:m])
-        other[m:] = 0
+def _read_step(view: SourceView, backing: SourceView | None, pieces: list, data: np.ndarray,
+               other: np.ndarray | None, unit: int) -> None:
+    """Runs in the read thread: each piece's source bytes (and the backing's) into place;
+    a short last unit is padded with zeros."""
+    for pos, n, at in pieces:
+        pad = -(-n // unit) * unit
+        view.reader.pread_into(pos, data[at:at + n])
+        data[at + n:at + pad] = 0
+        if other is not None:
+            m = max(0, min(n, backing.size - pos))
+            if m:
+                backing.reader.pread_into(pos, other[at:at + m])
+            other[at + m:at + pad] = 0
 
 
 def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progress | None,
           backing: SourceView | None, zero_fill: bool = False) -> None:
-    """Three stages overlap: a thread reads block k+1 and a thread writes block k-1
-    while this one decides, per unit, what block k holds (os.preadv/pwrite and the
+    """Three stages overlap: a thread reads step k+1 and a thread writes step k-1
+    while this one decides, per unit, what step k holds (os.preadv/pwrite and the
     numpy scans release the GIL).  Buffers go round a small ring, so memory stays
     at DEPTH blocks whatever the disk size.  `zero_fill` (a target that was not
     created empty) also hands every range holding no data to write_zeros()."""
@@ -311,10 +331,10 @@ def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progres
     ring = [(np.empty(block, np.uint8),
              np.empty(block, np.uint8) if backing is not None else None)
             for _ in range(DEPTH)]
-    reads: collections.deque = collections.deque()     # (pos, n, buffers, future), in order
+    reads: collections.deque = collections.deque()     # (pieces, used, buffers, future)
     writes: collections.deque = collections.deque()    # (buffers, future)
     free = collections.deque(ring)
-    steps = _blocks(runs, block)
+    steps = _steps(runs, block, unit)
     covered = 0                                        # zero_fill: the target is right below
     with ThreadPoolExecutor(1, thread_name_prefix="imgscope-read") as read_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="imgscope-write") as write_pool:
@@ -325,30 +345,35 @@ def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progres
                     if step is None:
                         return
                     bufs = free.popleft()
-                    pos, n = step
-                    fut = read_pool.submit(_read_block, view, backing, pos, bufs[0][:n],
-                                           None if bufs[1] is None else bufs[1][:n])
-                    reads.append((pos, n, bufs, fut))
+                    pieces, used = step
+                    fut = read_pool.submit(_read_step, view, backing, pieces, bufs[0],
+                                           bufs[1], unit)
+                    reads.append((pieces, used, bufs, fut))
 
             refill()
             while reads:
-                pos, n, bufs, fut = reads.popleft()
+                pieces, used, bufs, fut = reads.popleft()
                 fut.result()
-                data = bufs[0][:n]
-                actions = _block_actions(data, None if bufs[1] is None else bufs[1][:n],
-                                         unit, write_all, zero_fill)
-                if zero_fill and pos > covered:      # the gap before this run
-                    write_pool.submit(copier.zeros, covered, pos - covered)
-                covered = pos + n
-                writes.append((bufs, write_pool.submit(_apply, copier, pos, data, actions)))
-                # buffers whose block is written go back to the ring; wait for the
+                data = bufs[0][:used]
+                other = None if bufs[1] is None else bufs[1][:used]
+                nonzero, zeros = _unit_masks(data, other, unit, write_all, zero_fill)
+                work = []
+                for pos, n, at in pieces:
+                    if zero_fill and pos > covered:      # the gap before this piece
+                        work.append((covered, None, [("zeros", 0, 0)], pos - covered))
+                    covered = pos + n
+                    u0, u1 = at // unit, (at + -(-n // unit) * unit) // unit
+                    work.append((pos, data[at:at + n],
+                                 _piece_actions(nonzero[u0:u1], zeros[u0:u1]), n))
+                    done += n
+                writes.append((bufs, write_pool.submit(_apply, copier, work)))
+                # buffers whose step is written go back to the ring; wait for the
                 # oldest write only when nothing is left to read ahead into
                 while writes and (writes[0][1].done() or (not reads and not free)):
                     done_bufs, wfut = writes.popleft()
                     wfut.result()
                     free.append(done_bufs)
                     refill()
-                done += n
                 if progress:
                     progress(done, total)
             if zero_fill and covered < size:
@@ -362,30 +387,43 @@ def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progres
             raise
 
 
-def _block_actions(data: np.ndarray, other: np.ndarray | None, unit: int,
-                   write_all: bool, zero_fill: bool = False) -> list[tuple[str, int, int]]:
-    """What to hand the writer for one block: ("data"|"zeros", first unit, stop unit)."""
-    nonzero = np.ones(-(-data.size // unit), bool) if write_all and other is None \
+def _unit_masks(data: np.ndarray, other: np.ndarray | None, unit: int, write_all: bool,
+                zero_fill: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit of a step's buffer: write it as data; hand it to write_zeros()."""
+    units = data.size // unit
+    nonzero = np.ones(units, bool) if write_all and other is None \
         else nonzero_units(data, unit)
-    actions = []
+    zeros = np.zeros(units, bool)
     if zero_fill and not write_all:
-        actions += [("zeros", a, b) for a, b in unit_runs(~nonzero)]
+        zeros = ~nonzero
     if other is not None:
         differ = differ_units(data, other, unit)
-        actions += [("zeros", a, b) for a, b in unit_runs(differ & ~nonzero)]
+        zeros = differ & ~nonzero
         nonzero = differ & (nonzero | write_all)
-    runs = [("data", a, b) for a, b in unit_runs(nonzero)]
-    return sorted(actions + runs, key=lambda a: a[1])
+    return nonzero, zeros
 
 
-def _apply(copier: _Copier, pos: int, data: np.ndarray, actions: list) -> None:
-    """Runs in the write thread: the block's units to the writer, in guest order."""
+def _piece_actions(nonzero: np.ndarray, zeros: np.ndarray) -> list[tuple[str, int, int]]:
+    """("data"|"zeros", first unit, stop unit) of one piece, in guest order."""
+    actions = [("data", a, b) for a, b in unit_runs(nonzero)]
+    if zeros.any():
+        actions += [("zeros", a, b) for a, b in unit_runs(zeros)]
+        actions.sort(key=lambda a: a[1])
+    return actions
+
+
+def _apply(copier: _Copier, work: list) -> None:
+    """Runs in the write thread: each piece's units to the writer, in guest order."""
     unit = copier.writer.unit
-    for what, a, b in actions:
-        if what == "data":
-            copier.data(pos, data, a, b)
-        else:
-            copier.zeros(pos + a * unit, min(b * unit, data.size) - a * unit)
+    for pos, data, actions, n in work:
+        if data is None:                              # a gap of a zero_fill target
+            copier.zeros(pos, n)
+            continue
+        for what, a, b in actions:
+            if what == "data":
+                copier.data(pos, data, a, b)
+            else:
+                copier.zeros(pos + a * unit, min(b * unit, n) - a * unit)
 
 
 def convert(src, dst, format: str = "qcow2", *, options: dict | None = None,
