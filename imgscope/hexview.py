@@ -702,6 +702,16 @@ def _qcow2_providers(model: _Model, file: int) -> list:
                               ["bitmap", "data_offset", "all_ones"], _BMT_MEANING)]
 
 
+def _first_offset(model: _Model, table: str, column: str) -> int | None:
+    """The first non-zero offset in a table's column (the entry worth showing), or None."""
+    rows = model.table(table)
+    if rows is None or not len(rows):
+        return None
+    offs = rows[column].to_numpy(np.uint64)
+    offs = offs[offs != 0]
+    return int(offs[0]) if offs.size else None
+
+
 def _qcow2_catalogue(model: _Model) -> dict:
     image = model.image
     cat: dict = {}
@@ -710,20 +720,14 @@ def _qcow2_catalogue(model: _Model) -> dict:
         "extension[", "end of extensions", "backing file name")))
     _add(cat, "l1", _table_target(model, "active L1 table", "l1", 8, _qcow2_providers(model, 0)))
     cs = image.cluster_size or 0
-    l1 = model.table("l1")
-    if l1 is not None and len(l1) and cs:
-        offs = l1["l2_offset"].to_numpy(np.uint64)
-        offs = offs[offs != 0]
-        if offs.size:
-            cat["l2"] = lambda t=int(offs[0]): _qcow2_l2_target(model, t)
+    first_l2 = _first_offset(model, "l1", "l2_offset") if cs else None
+    if first_l2 is not None:
+        cat["l2"] = lambda: _qcow2_l2_target(model, first_l2)
     _add(cat, "refcount_table", _table_target(model, "refcount table", "refcount_table", 8,
                                               _qcow2_providers(model, 0)))
-    rt = model.table("refcount_table")
-    if rt is not None and len(rt) and cs:
-        offs = rt["refblock_offset"].to_numpy(np.uint64)
-        offs = offs[offs != 0]
-        if offs.size:
-            cat["refcount_block"] = lambda b=int(offs[0]): _qcow2_refblock_target(model, b)
+    first_block = _first_offset(model, "refcount_table", "refblock_offset") if cs else None
+    if first_block is not None:
+        cat["refcount_block"] = lambda: _qcow2_refblock_target(model, first_block)
     _add(cat, "snapshot_table", _rows_target(model, "snapshot table", _prefix("snapshot[")))
     _add(cat, "bitmap_directory", _rows_target(model, "bitmap directory", _prefix("bitmap[")))
     _add(cat, "bitmap_table", _table_target(model, "bitmap tables", "bitmap_tables", 8,

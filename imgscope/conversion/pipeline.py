@@ -492,9 +492,7 @@ def _convert(src, dst, format, options, compress, source_format, snapshot, spars
             _copy(view, copier, sparse_size, progress, back)
         finally:
             copier.shutdown()
-        writer.close()
-        staging.commit(writer.written_files())
-        return Path(dst)
+        return _finish(writer, staging, dst)
     except BaseException:
         _abort_quietly(writer)
         raise
@@ -502,6 +500,13 @@ def _convert(src, dst, format, options, compress, source_format, snapshot, spars
         if staging is not None:
             staging.cleanup()
         view.release()
+
+
+def _finish(writer, staging: _Staging, dst) -> Path:
+    """Close the writer, then move its files under the destination name."""
+    writer.close()
+    staging.commit(writer.written_files())
+    return Path(dst)
 
 
 def _abort_quietly(writer) -> None:
@@ -553,9 +558,7 @@ def create(path, format: str, size: int | str | None = None, options: dict | Non
     writer = None
     try:
         writer = _make_writer(format, staging.path, int(size), opts, backing, backing_format)
-        writer.close()
-        staging.commit(writer.written_files())
-        return Path(path)
+        return _finish(writer, staging, path)
     except BaseException:
         _abort_quietly(writer)
         raise
