@@ -85,6 +85,35 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+
+ZERO_CHUNK = 8 << 20                  # zeros are written this much at a time
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a file so it reads as zeros (Linux fallocate); False when
+    the system or file system cannot, and the caller writes zeros instead."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
+def zero_range(fd: int, offset: int, length: int, punch: bool = True) -> None:
+    """Make `length` bytes at `offset` read as zeros: a punched hole where allowed and
+    possible, else zeros written a chunk at a time (bounded memory)."""
+    if length <= 0 or (punch and punch_hole(fd, offset, length)):
+        return
+    zero = memoryview(bytes(min(length, ZERO_CHUNK)))
+    end = offset + length
+    for off in range(offset, end, ZERO_CHUNK):
+        pwrite_all(fd, zero[:min(ZERO_CHUNK, end - off)], off)
+
 class ImageWriter:
     """Base class of the format writers (see the module docstring for the contract)."""
 

@@ -360,7 +360,7 @@ def _copy(view: SourceView, copier: _Copier, sparse_size: int, progress: Progres
                 work = []
                 for pos, n, at in pieces:
                     if zero_fill and pos > covered:      # the gap before this piece
-                        work.append((covered, None, [("zeros", 0, 0)], pos - covered))
+                        work.append((covered, None, (), pos - covered))
                     covered = pos + n
                     u0, u1 = at // unit, (at + -(-n // unit) * unit) // unit
                     work.append((pos, data[at:at + n],

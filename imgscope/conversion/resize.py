@@ -52,6 +52,7 @@ import numpy as np
 
 from ..errors import ConvertError, Unsupported
 from ..units import parse_size
+from .base import pwrite_all, zero_range
 
 MAX_SIZE = 1 << 63
 #: most data blocks a resize copies out of a growing table's way (vdi, vpc): with 1 MiB
@@ -113,13 +114,6 @@ def _refuse_damaged(image) -> None:
                            "check and repair it first", path=str(image.path))
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 class _Copy:
     """A write step whose bytes are `length` bytes of the same file at `src`
     (read when the step runs, in pieces: a moved data block is not held in memory)."""
@@ -136,7 +130,7 @@ class _Copy:
             buf = os.pread(fd, n, self.src + done)
             if len(buf) < n:                 # a block ending at the end of the file
                 buf += bytes(n - len(buf))
-            _pwrite_all(fd, buf, offset + done)
+            pwrite_all(fd, buf, offset + done)
             done += n
 
 
@@ -152,27 +146,7 @@ class _Zero:
         self.length = length
 
     def apply(self, fd: int, offset: int) -> None:
-        if self.length <= 0:
-            return
-        if not _punch_hole(fd, offset, self.length):
-            done = 0
-            while done < self.length:
-                n = min(_Copy.PIECE, self.length - done)
-                _pwrite_all(fd, bytes(n), offset + done)
-                done += n
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """fallocate(PUNCH_HOLE | KEEP_SIZE) on Linux; False where it is not available."""
-    try:
-        import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fallocate = libc.fallocate
-    except (OSError, AttributeError):
-        return False
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return fallocate(fd, 0x02 | 0x01, offset, length) == 0
+        zero_range(fd, offset, self.length)
 
 
 class _Writes:
@@ -222,7 +196,7 @@ class _Writes:
         elif isinstance(what, (_Copy, _Zero)):
             what.apply(fd, offset)
         else:
-            _pwrite_all(fd, what, offset)
+            pwrite_all(fd, what, offset)
 
 
 # ---- raw --------------------------------------------------------------------------------

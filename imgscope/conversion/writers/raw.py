@@ -12,25 +12,9 @@ import stat
 from pathlib import Path
 
 from ...errors import ConvertError
-from ..base import ImageWriter, Option, pwrite_all
+from ..base import ImageWriter, Option, pwrite_all, zero_range
 
 SPARSE_UNIT = 4096
-ZERO_CHUNK = 8 << 20
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a range of a file so it reads as zeros (Linux fallocate); False when
-    the system or file system cannot, and the caller writes zeros instead."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fallocate = libc.fallocate
-    except (OSError, AttributeError):
-        return False
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 class RawWriter(ImageWriter):
@@ -87,14 +71,8 @@ class RawWriter(ImageWriter):
     def write_zeros(self, guest_offset: int, length: int) -> None:
         """A new file is already zeros (one hole); an existing target gets its range
         punched out (files) or overwritten with zeros (devices)."""
-        if not self.existing or length <= 0:
-            return
-        if self._regular and _punch_hole(self._fd, guest_offset, length):
-            return
-        zero = bytes(min(length, ZERO_CHUNK))
-        end = guest_offset + length
-        for off in range(guest_offset, end, ZERO_CHUNK):
-            pwrite_all(self._fd, memoryview(zero)[:min(ZERO_CHUNK, end - off)], off)
+        if self.existing:
+            zero_range(self._fd, guest_offset, length, punch=self._regular)
 
     def close(self) -> None:
         if self._fd >= 0:
